@@ -1,0 +1,197 @@
+"""Caption sets in the HW3 layout (COCO captions JSON + an image folder), image loading, datasets and collate.
+
+The course's JSON is the COCO captions format::
+
+    {"images": [{"id": int, "file_name": "000000001086.jpg"}, ...],
+     "annotations": [{"image_id": int, "caption": str, "id": int}, ...]}
+
+and predictions are ``{file name without extension: caption}``. Every problem with the input is reported as a
+:class:`DataError` that names the file and says what is wrong.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image_path: Path  # the image file
+    file_id: str  # file name without extension: the key of predictions and references
+    references: tuple[str, ...]  # the reference captions (empty for an unlabelled folder)
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_annotations(path: str | Path) -> dict[str, list[str]]:
+    """``{file id: [reference captions]}`` from a COCO captions JSON, in the order of its ``images`` list.
+
+    Raises:
+        DataError: not COCO captions (missing keys, wrong types), an annotation whose ``image_id`` is not among the
+            images, an image without any caption, or two images with the same file name.
+    """
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path}: not a COCO captions file: expected an object with lists 'images' and "
+                        f"'annotations', got {keys}")
+    id_to_name: dict = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{path}: images[{i}] needs 'id' and a string 'file_name', got {img!r}")
+        name = Path(img["file_name"]).stem
+        if name in id_to_name.values():
+            raise DataError(f"{path}: images[{i}]: file name {img['file_name']!r} appears twice")
+        id_to_name[img["id"]] = name
+    refs: dict[str, list[str]] = defaultdict(list)
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: annotations[{i}] needs 'image_id' and a string 'caption', got {ann!r}")
+        if ann["image_id"] not in id_to_name:
+            raise DataError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
+                            f"which is not in 'images'")
+        refs[id_to_name[ann["image_id"]]].append(ann["caption"])
+    missing = [n for n in id_to_name.values() if n not in refs]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} image(s) have no caption, e.g. {missing[:3]}")
+    return {n: refs[n] for n in id_to_name.values()}
+
+
+def load_split(annotation: str | Path, image_dir: str | Path, check_images: bool = True) -> list[Record]:
+    """Records of a captioned split: each image of the JSON with its references.
+
+    Args:
+        annotation: the COCO captions JSON (``p2_data/val.json``).
+        image_dir: the folder of its images (``p2_data/images/val``).
+        check_images: fail now, naming the file, when an image is missing (not when it is corrupt: that is found
+            when it is loaded).
+    """
+    refs = load_annotations(annotation)
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found")
+    names = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    records = []
+    for file_id, caps in refs.items():
+        path = names.get(file_id, image_dir / f"{file_id}.jpg")
+        if check_images and file_id not in names:
+            raise DataError(f"{path}: image listed in {annotation} not found")
+        records.append(Record(path, file_id, tuple(caps)))
+    return records
+
+
+def list_images(image_dir: str | Path) -> list[Record]:
+    """Records (without references) of every image in a folder, sorted by name."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found")
+    paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return [Record(p, p.stem, ()) for p in paths]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float images are rescaled (not clipped to white), transparency is
+    composited on white, palette and grayscale images are expanded."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr, mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing, truncated or non-image file raises :class:`DataError` naming it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+class ImageDataset:
+    """A map-style dataset of records -> ``(transform(image), index)``, for DataLoaders with workers."""
+
+    def __init__(self, records: list[Record], transform=None):
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        image = load_image(self.records[i].image_path)
+        return (self.transform(image) if self.transform is not None else image), i
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """A predictions JSON ``{file id: caption}``; checks that it is an object of strings."""
+    path = Path(path)
+    pred = read_json(path)
+    if not isinstance(pred, dict):
+        raise DataError(f"{path}: predictions must be a JSON object {{file id: caption}}, got {type(pred).__name__}")
+    bad = {k: type(v).__name__ for k, v in pred.items() if not isinstance(v, str)}
+    if bad:
+        first = next(iter(bad.items()))
+        raise DataError(f"{path}: every caption must be a string; {len(bad)} are not, e.g. {first[0]!r}: {first[1]}")
+    return pred
+
+
+def check_keys(pred: dict, refs: dict, pred_name: str = "predictions", ref_name: str = "annotations") -> None:
+    """Prediction keys must equal the reference keys (the course's evaluate.py asserts the same)."""
+    missing = sorted(set(refs) - set(pred))
+    extra = sorted(set(pred) - set(refs))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"{len(extra)} extra (e.g. {extra[:3]})")
+        raise DataError(f"{pred_name}: keys differ from the images of {ref_name}: {'; '.join(parts)}. Keys are file "
+                        f"names without extension, like '000000001086'")
+    bad = [k for k, v in pred.items() if not isinstance(v, str)]
+    if bad:
+        raise DataError(f"{pred_name}: captions must be strings; not for {bad[:3]}")
+
+
+def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None:
+    """Write JSON through a temporary file and a rename: a killed job never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,141 @@
+"""CIDEr and CLIPScore exactly as the course's ``evaluate.py`` computes them.
+
+* CIDEr: CIDEr-D of pycocoevalcap (Vedantam et al., 2015) over the whole set, after the PTB tokenizer (Java, shipped
+  inside pycocoevalcap). Without Java, :mod:`hw3lib.ptb` reproduces the tokenizer in Python (said once).
+* CLIPScore (Hessel et al., 2021): ``2.5 * max(cos(image_emb, text_emb), 0)`` per image, averaged; CLIP ViT-B/32
+  with OpenAI weights (``ViT-B-32-quickgelu``), text truncated to 77 tokens. Batched here; same numbers.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocoevalcap.cider.cider import Cider
+
+from .data import DataError, ImageDataset, Record, check_keys, load_annotations, read_predictions
+from .ptb import ptb_tokenize
+
+_warned_no_java = False
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def tokenize(captions_for_image: dict) -> dict:
+    """PTB-tokenise ``{key: [{"caption": str}, ...]}`` with Java when present, else the Python port (said once)."""
+    global _warned_no_java
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize(captions_for_image)
+    if not _warned_no_java:
+        warnings.warn("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
+                      "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)", stacklevel=2)
+        _warned_no_java = True
+    return ptb_tokenize(captions_for_image)
+
+
+def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[float, dict[str, float]]:
+    """CIDEr-D of ``predictions`` against ``references`` (keys must match). Returns (corpus score, per-image)."""
+    check_keys(predictions, references)
+    keys = list(references)
+    res = tokenize({k: [{"caption": predictions[k]}] for k in keys})
+    gts = tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
+    score, scores = Cider().compute_score(gts, res)
+    return float(score), {k: float(s) for k, s in zip(keys, scores)}
+
+
+# ----------------------------------------------------------------------------------------------------- CLIPScore
+@dataclass
+class ClipConfig:
+    model: str = "ViT-B-32-quickgelu"  # open_clip name, "local-dir:PATH", or a folder holding open_clip_config.json
+    pretrained: str | None = "openai"  # tag or local checkpoint file (ignored for folders)
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 0  # DataLoader workers that decode images
+    device: str | None = None  # default: cuda when present
+
+
+class ClipScorer:
+    """An open_clip model with its preprocessing and tokenizer that scores (image, caption) pairs."""
+
+    def __init__(self, cfg: ClipConfig = ClipConfig()):
+        import open_clip
+
+        self.cfg = cfg
+        name, pretrained = cfg.model, cfg.pretrained
+        if Path(name).is_dir():
+            name = f"local-dir:{name}"
+        if name.startswith("local-dir:"):
+            pretrained = None
+            if not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
+                raise DataError(f"{name[len('local-dir:'):]}: no open_clip_config.json in this CLIP folder")
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except (RuntimeError, OSError) as e:
+            raise RuntimeError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {e}. Offline? Run "
+                               f"`hw3 download` on a machine with network, or point clip_model at a local folder") from e
+        self.model = model.eval().to(self.device)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name)
+
+    @torch.no_grad()
+    def embed_images(self, records: list[Record]) -> torch.Tensor:
+        """L2-normalised image embeddings, (N, D), in record order."""
+        loader = torch.utils.data.DataLoader(ImageDataset(records, self.preprocess), batch_size=self.cfg.batch_size,
+                                             num_workers=self.cfg.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        out = []
+        for pixel_values, _ in loader:
+            emb = self.model.encode_image(pixel_values.to(self.device, non_blocking=True)).float()
+            out.append(emb / emb.norm(dim=-1, keepdim=True))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_texts(self, captions: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, (N, D); captions longer than the context are truncated (as clip does)."""
+        out = []
+        for i in range(0, len(captions), self.cfg.batch_size):
+            ids = self.tokenizer(captions[i : i + self.cfg.batch_size]).to(self.device)
+            emb = self.model.encode_text(ids).float()
+            out.append(emb / emb.norm(dim=-1, keepdim=True))
+        return torch.cat(out)
+
+    def score_pairs(self, records: list[Record], captions: list[str]) -> np.ndarray:
+        """CLIPScore of each (image, caption) pair: ``2.5 * max(cos, 0)``."""
+        if len(records) != len(captions):
+            raise ValueError(f"{len(records)} images but {len(captions)} captions")
+        cos = (self.embed_images(records) * self.embed_texts(captions)).sum(-1)
+        return (2.5 * cos.clamp(min=0)).cpu().numpy()
+
+
+def clip_score(scorer: ClipScorer, predictions: dict[str, str], image_dir: str | Path,
+               ) -> tuple[float, dict[str, float]]:
+    """Mean CLIPScore of ``predictions`` (``{file id: caption}``) over the images in ``image_dir``."""
+    from .data import list_images
+
+    by_id = {r.file_id: r for r in list_images(image_dir)}
+    missing = [k for k in predictions if k not in by_id]
+    if missing:
+        raise DataError(f"{image_dir}: no image for {len(missing)} prediction key(s), e.g. {missing[:3]}")
+    keys = list(predictions)
+    scores = scorer.score_pairs([by_id[k] for k in keys], [predictions[k] for k in keys])
+    return float(scores.mean()), {k: float(s) for k, s in zip(keys, scores)}
+
+
+def evaluate(pred_path: str | Path, annotation_path: str | Path, images_dir: str | Path,
+             clip: ClipScorer | ClipConfig | None = None) -> dict:
+    """The course's evaluate.py: CIDEr and CLIPScore of a predictions file, plus per-image scores."""
+    predictions = read_predictions(pred_path)
+    references = load_annotations(annotation_path)
+    check_keys(predictions, references, pred_name=str(pred_path), ref_name=str(annotation_path))
+    score, per_cider = cider(predictions, references)
+    scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip or ClipConfig())
+    clip_mean, per_clip = clip_score(scorer, predictions, images_dir)
+    return {"cider": score, "clipscore": clip_mean, "num_images": len(predictions),
+            "per_image": {k: {"cider": per_cider[k], "clipscore": per_clip[k]} for k in predictions}}
