@@ -119,7 +119,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        image = Image.fromarray(arr, mode="L")
+        image = Image.fromarray(arr)  # uint8 (H, W) -> mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -78,9 +78,10 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(att, self.dropout, self.training) @ v
         elif T == 1 or T == S:  # plain causal (prefill) or one new token that sees everything
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0)
-        else:
+        else:  # several new tokens after a cache
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=self.dropout if self.training else 0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                               dropout_p=self.dropout if self.training else 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), (k, v), att
 

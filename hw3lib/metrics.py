@@ -78,8 +78,9 @@ class ClipScorer:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         except (RuntimeError, OSError) as e:
-            raise RuntimeError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {e}. Offline? Run "
-                               f"`hw3 download` on a machine with network, or point clip_model at a local folder") from e
+            raise RuntimeError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {e}. Offline? "
+                               f"Run `hw3 download` on a machine with network, or point clip_model at a local folder"
+                               ) from e
         self.model = model.eval().to(self.device)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
@@ -139,3 +140,29 @@ def evaluate(pred_path: str | Path, annotation_path: str | Path, images_dir: str
     clip_mean, per_clip = clip_score(scorer, predictions, images_dir)
     return {"cider": score, "clipscore": clip_mean, "num_images": len(predictions),
             "per_image": {k: {"cider": per_cider[k], "clipscore": per_clip[k]} for k in predictions}}
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve = P(a positive scores above a negative), ties counted half (Mann-Whitney U)."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def clip_check(scorer: ClipScorer, records: list[Record], seed: int = 0) -> dict:
+    """Does the CLIP model prefer each image's own caption (its first reference) to another image's?
+
+    Returns ``auc``, ``mean_true``, ``mean_shuffled`` and the two score arrays (``true``, ``shuffled``).
+    """
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(records))
+    other = np.empty_like(perm)
+    other[perm] = np.roll(perm, 1)  # a derangement: every image gets some other image's caption
+    own = [r.references[0] for r in records]
+    img = scorer.embed_images(records)
+    txt = scorer.embed_texts(own)
+    true = (2.5 * (img * txt).sum(-1).clamp(min=0)).cpu().numpy()
+    shuffled = (2.5 * (img * txt[torch.from_numpy(other).to(txt.device)]).sum(-1).clamp(min=0)).cpu().numpy()
+    return {"auc": auc(true, shuffled), "mean_true": float(true.mean()), "mean_shuffled": float(shuffled.mean()),
+            "true": true, "shuffled": shuffled}

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "ave", "no", "etc", "vs", "jr", "sr", "inc", "co", "corp", "ltd",
                   "mt", "ft", "prof", "gen", "sgt", "capt", "col", "lt", "rev", "jan", "feb", "mar", "apr", "jun",

@@ -36,6 +36,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 SIZES: dict[str, tuple[int, int]] = {"small": (16, 22), "large": (30, 38)}  # side of the shape in px at 96 px
+GENERATOR_VERSION = 2  # bump when the generator's output changes for the same config: stale worlds are rebuilt
 SCALE = 4  # render at 4x, then downsample: anti-aliased edges like a real photo's, masks from the same geometry
 
 
@@ -50,7 +51,8 @@ class WorldConfig:
     captions_per_image: int = 5  # as in COCO
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        payload = {**asdict(self), "generator_version": GENERATOR_VERSION}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,8 @@ _NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
 def _phrase(obj: Obj, rng: np.random.Generator, with_size: bool) -> str:
-    article = "an" if obj.size == "" and obj.color[0] in "aeiou" or (not with_size and obj.color[0] in "aeiou") or (with_size and obj.size[0] in "aeiou") else "a"
     words = [obj.size, obj.color, obj.shape] if with_size else [obj.color, obj.shape]
-    return f"{article} {' '.join(words)}"
+    return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
 
 
 def _join(phrases: list[str]) -> str:
@@ -304,3 +305,27 @@ def load_masks(sidecar_npz: str | Path) -> dict[str, np.ndarray]:
     """``{file id: label map (H, W) uint8}``; label k marks object k - 1 of that image's object list."""
     with np.load(sidecar_npz) as z:
         return {str(n): lab for n, lab in zip(z["names"], z["labels"])}
+
+
+def random_scenes(n: int, seed: int, cfg: WorldConfig = WorldConfig()) -> tuple[list, list, list]:
+    """``n`` fresh scenes outside the saved splits (for pre-training stand-ins): RGB arrays (H, W, 3) uint8, label
+    maps, and object lists in the sidecar format. JPEG round trip included, as the saved images have it."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    images, labels, objects = [], [], []
+    for count in rng.integers(1, cfg.max_objects + 1, size=n):
+        scene = _place(rng, int(count), cfg.image_size)
+        image, lab = render(scene, cfg.image_size, rng)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        images.append(np.asarray(Image.open(buf).convert("RGB")))
+        labels.append(lab)
+        objects.append([_obj_record(o, lab, k) for k, o in enumerate(scene, 1)])
+    return images, labels, objects
+
+
+def caption_accuracy(predictions: dict[str, str], objects: dict[str, list[dict]]) -> tuple[float, dict[str, bool]]:
+    """Fraction of images whose caption names exactly their set of (colour, shape) objects, and per image."""
+    per = {k: parse_caption(c) == object_set(objects[k]) for k, c in predictions.items()}
+    return (sum(per.values()) / len(per) if per else 0.0), per

@@ -1,0 +1,409 @@
+"""The P2 captioner: a frozen timm ViT, a trainable projection, and the course's GPT-2 decoder adapted with LoRA.
+
+    image -> ViT (frozen) -> patch tokens (+ CLS) -> projection (+ LayerNorm) -> visual tokens
+    [visual tokens] <|endoftext|> caption <|endoftext|>  -> GPT-2 with LoRA -> next-token loss on the caption only
+
+Follows the ClipCap / "prefix" recipe (Mokady et al., 2021) with LoRA (Hu et al., 2021). LoRA layers are built
+inside the decoder *before* the course checkpoint is loaded, so the frozen base keeps its weights. Projected
+visual tokens are layer-normalised with a gain set to the scale of GPT-2's token embeddings: raw ViT features are
+an order of magnitude larger than text embeddings, which drowns the text in every report that missed it.
+
+Only the projection and the LoRA weights train; :func:`save_adapter` stores exactly those (safetensors) with the
+JSON of the config that built them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decoder import Decoder, LoraConfig
+from .tokenizer import BPETokenizer
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "vit_large_patch14_clip_224.openai_ft_in12k_in1k"  # timm name, "local-dir:PATH" or a timm folder
+    checkpoint: str = ""  # a local weights file for `name` ("" = the timm cache / hub, or the folder's weights)
+    random_weights: bool = False  # the architecture without weights: benchmarks and dry runs
+    use_cls: bool = True  # keep the CLS token next to the patch tokens
+    pool: int = 1  # average-pool the patch grid by this factor (2: a 12 x 12 grid becomes 6 x 6): fewer tokens
+
+
+@dataclass
+class CaptionerConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder_checkpoint: str = "hw3_data/p2_data/decoder_model.bin"  # the course's GPT-2 weights
+    encoder_json: str = "hw3_data/p2_data/encoder.json"  # the course's tokenizer files
+    vocab_bpe: str = "hw3_data/p2_data/vocab.bpe"
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")))
+    projection: str = "mlp"  # "linear" or "mlp" (Linear-GELU-Linear)
+    visual_norm: bool = True  # LayerNorm the visual tokens to the scale of the text embeddings
+    max_caption_tokens: int = 40  # longer training captions are cut
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionerConfig":
+        d = dict(d)
+        enc = EncoderConfig(**d.pop("encoder", {}))
+        lora = d.pop("lora", {})
+        lora = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown captioner config keys {sorted(unknown)}")
+        return cls(encoder=enc, lora=lora, **d)
+
+
+def create_encoder(cfg: EncoderConfig):
+    """The frozen timm encoder with its preprocessing. Returns ``(model, transform)``.
+
+    ``name`` may be a timm model name (weights from the timm cache or the hub), ``local-dir:PATH`` or a folder with
+    timm's ``config.json`` + weights (the demo stand-in), optionally with ``checkpoint`` as a local weights file.
+    """
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    name = cfg.name
+    if Path(name).is_dir():
+        name = f"local-dir:{name}"
+    kwargs = dict(pretrained=not cfg.random_weights, num_classes=0)
+    if cfg.checkpoint and not cfg.random_weights:
+        if not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"{cfg.checkpoint}: encoder weights file not found")
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint)
+    if cfg.random_weights:
+        torch.manual_seed(0)  # the same "random" encoder every time: a dry run trains and captions with one encoder
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as e:  # timm raises RuntimeError / OSError / hub errors
+        raise RuntimeError(f"could not create the timm encoder {cfg.name!r}: {type(e).__name__}: {e}. Offline? Use "
+                           f"`hw3 download` where there is network, or a local folder / checkpoint") from e
+    model.eval().requires_grad_(False)
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    return model, transform
+
+
+def encoder_grid(model) -> tuple[int, int]:
+    """(rows, cols) of the encoder's patch grid."""
+    return tuple(model.patch_embed.grid_size)
+
+
+@torch.no_grad()
+def encode_images(encoder, pixel_values: torch.Tensor, cfg: EncoderConfig) -> torch.Tensor:
+    """Visual features the projection consumes: (B, [CLS] + grid tokens, D)."""
+    tokens = encoder.forward_features(pixel_values)  # (B, prefix + H*W, D), final norm applied
+    n_prefix = getattr(encoder, "num_prefix_tokens", 1)
+    patches = tokens[:, n_prefix:]
+    if cfg.pool > 1:
+        H, W = encoder_grid(encoder)
+        grid = patches.transpose(1, 2).reshape(len(patches), -1, H, W)
+        patches = F.avg_pool2d(grid, cfg.pool).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :1], patches], 1) if cfg.use_cls else patches
+
+
+@dataclass
+class GenerationConfig:
+    num_beams: int = 1  # 1 = greedy
+    max_new_tokens: int = 30  # caption tokens, the closing <|endoftext|> included
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    no_repeat_ngram_size: int = 0  # forbid repeating any n-gram of this size (0 = off)
+
+
+@dataclass
+class Generated:
+    token_ids: list[list[int]]  # per image, without <|endoftext|>
+    captions: list[str]
+    attentions: list[torch.Tensor] | None = None  # per image (T, layers, heads, visual tokens), T = len(ids) + 1
+
+
+class Captioner(nn.Module):
+    """Projection + LoRA decoder over visual features (the frozen encoder lives outside, see :func:`build`)."""
+
+    def __init__(self, cfg: CaptionerConfig, encoder_dim: int, decoder: Decoder, tokenizer: BPETokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer, self.decoder, self.encoder_dim = cfg, tokenizer, decoder, encoder_dim
+        C = decoder.cfg.n_embd
+        if cfg.projection == "linear":
+            self.proj = nn.Linear(encoder_dim, C)
+        elif cfg.projection == "mlp":
+            self.proj = nn.Sequential(nn.Linear(encoder_dim, C), nn.GELU(), nn.Linear(C, C))
+        else:
+            raise ValueError(f"projection must be 'linear' or 'mlp', got {cfg.projection!r}")
+        self.visual_norm = nn.LayerNorm(C) if cfg.visual_norm else nn.Identity()
+        if cfg.visual_norm:  # gain = the per-dimension RMS of the text embeddings
+            with torch.no_grad():
+                self.visual_norm.weight.fill_(decoder.transformer.wte.weight.pow(2).mean().sqrt().item())
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Only the projection, the visual norm and LoRA weights train."""
+        for name, p in self.named_parameters():
+            p.requires_grad = name.startswith(("proj.", "visual_norm.")) or ".lora_" in name
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        return self.visual_norm(self.proj(features.to(self.proj_dtype)))
+
+    @property
+    def proj_dtype(self) -> torch.dtype:
+        return next(self.proj.parameters()).dtype
+
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """``features`` (B, V, D) from :func:`encode_images`; ``input_ids`` (B, T) = ``<eot> caption``; ``targets``
+        (B, T) = ``caption <eot>`` with -100 on padding. The loss covers the caption tokens only."""
+        vis = self.visual_tokens(features)
+        x = torch.cat([vis, self.decoder.embed(input_ids)], 1)
+        full_targets = None
+        if targets is not None:
+            full_targets = torch.cat([targets.new_full(vis.shape[:2], -100), targets], 1)
+        return self.decoder(inputs_embeds=x, targets=full_targets, output_attentions=output_attentions)
+
+    def batch_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, targets)`` for captions, right-padded (targets -100 on padding)."""
+        eot, limit = self.tokenizer.eot_id, self.cfg.max_caption_tokens
+        seqs = [self.tokenizer.encode(c)[:limit] for c in captions]
+        T = max(map(len, seqs)) + 1
+        ids = torch.full((len(seqs), T), eot, dtype=torch.long)
+        targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, 1 : len(s) + 1] = torch.tensor(s, dtype=torch.long)
+            targets[i, : len(s) + 1] = torch.tensor(s + [eot], dtype=torch.long)
+        return ids, targets
+
+    # ------------------------------------------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, gen: GenerationConfig = GenerationConfig(),
+                 output_attentions: bool = False) -> Generated:
+        """Captions for a batch of visual features, greedy or beam search, with a KV cache.
+
+        With ``output_attentions`` every generated token (and the closing ``<|endoftext|>``) gets the attention of
+        the query that produced it over the visual tokens: (layers, heads, V) per token.
+        """
+        if gen.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {gen.num_beams}")
+        return self._greedy(features, gen, output_attentions) if gen.num_beams == 1 else \
+            self._beam(features, gen, output_attentions)
+
+    def _prefill(self, features, output_attentions):
+        vis = self.visual_tokens(features)
+        bos = self.decoder.embed(torch.full((len(features), 1), self.tokenizer.eot_id, device=features.device))
+        out = self.decoder(inputs_embeds=torch.cat([vis, bos], 1), output_attentions=output_attentions)
+        return out, vis.shape[1]
+
+    @staticmethod
+    def _visual_attention(out, V: int) -> torch.Tensor:
+        """(B, layers, heads, V): the last query's attention over the visual positions, every layer."""
+        return torch.stack([a[:, :, -1, :V] for a in out.attentions], 1).float().cpu()
+
+    def _banned(self, tokens: list[list[int]], n: int) -> list[list[int]]:
+        """Tokens that would repeat an n-gram already in each sequence."""
+        if n <= 0:
+            return [[] for _ in tokens]
+        out = []
+        for seq in tokens:
+            if len(seq) < n - 1:
+                out.append([])
+                continue
+            tail = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+            out.append([seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == tail])
+        return out
+
+    def _greedy(self, features, gen, output_attentions) -> Generated:
+        eot = self.tokenizer.eot_id
+        out, V = self._prefill(features, output_attentions)
+        B = len(features)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        atts = [self._visual_attention(out, V)] if output_attentions else []
+        for _ in range(gen.max_new_tokens):
+            logits = out.logits[:, -1].float()
+            for i, banned in enumerate(self._banned(tokens, gen.no_repeat_ngram_size)):
+                logits[i, banned] = float("-inf")
+            nxt = logits.argmax(-1)
+            for i in range(B):
+                if not done[i]:
+                    tokens[i].append(int(nxt[i]))
+            done |= (nxt == eot).cpu()
+            if bool(done.all()):
+                break
+            out = self.decoder(nxt.view(-1, 1), past_key_values=out.past_key_values,
+                               output_attentions=output_attentions)
+            if output_attentions:
+                atts.append(self._visual_attention(out, V))
+        return self._finish(tokens, torch.stack(atts, 1) if atts else None)
+
+    def _beam(self, features, gen, output_attentions) -> Generated:
+        eot, K = self.tokenizer.eot_id, gen.num_beams
+        out, V = self._prefill(features, output_attentions)
+        B, dev = len(features), features.device
+        past = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in out.past_key_values]
+        logp = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0)  # (B*K, vocab)
+        vocab = logp.shape[-1]
+        scores = torch.zeros(B, K, device=dev)
+        scores[:, 1:] = float("-inf")  # all beams start equal: keep one alive so the first step fans out
+        seqs: list[list[int]] = [[] for _ in range(B * K)]
+        finished = torch.zeros(B * K, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B * K, device=dev)
+        att_hist = self._visual_attention(out, V).repeat_interleave(K, 0).unsqueeze(1) if output_attentions else None
+        for step in range(gen.max_new_tokens):
+            for i, banned in enumerate(self._banned(seqs, gen.no_repeat_ngram_size)):
+                if banned and not finished[i]:
+                    logp[i, banned] = float("-inf")
+            logp[finished] = float("-inf")
+            logp[finished, eot] = 0.0  # a finished beam stays as it is, at no cost
+            cand = (scores.view(-1, 1) + logp).view(B, K * vocab)
+            top, idx = cand.topk(K, dim=1)  # (B, K)
+            src = (torch.arange(B, device=dev).view(-1, 1) * K + idx // vocab).view(-1)
+            tok = (idx % vocab).view(-1)
+            was_done = finished[src]
+            seqs = [seqs[s] + ([] if d else [int(t)]) for s, t, d in zip(src.tolist(), tok.tolist(), was_done.tolist())]
+            lengths = lengths[src] + (~was_done).float()
+            finished = was_done | (tok == eot)
+            scores = top
+            past = [(k[src], v[src]) for k, v in past]
+            if att_hist is not None:
+                att_hist = att_hist[src.cpu()]
+            if bool(finished.all()) or step == gen.max_new_tokens - 1:
+                break
+            out = self.decoder(tok.view(-1, 1), past_key_values=past, output_attentions=output_attentions)
+            past = out.past_key_values
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            if att_hist is not None:
+                att_hist = torch.cat([att_hist, self._visual_attention(out, V).unsqueeze(1)], 1)
+        norm = (scores.view(-1) / lengths.clamp(min=1) ** gen.length_penalty).view(B, K)
+        best = (torch.arange(B, device=dev) * K + norm.argmax(1)).tolist()
+        tokens = [seqs[b] for b in best]
+        att = None
+        if att_hist is not None:
+            att = [att_hist[b, : len(tokens[i])] for i, b in enumerate(best)]
+        return self._finish(tokens, att)
+
+    def _finish(self, tokens: list[list[int]], att) -> Generated:
+        eot = self.tokenizer.eot_id
+        ids = [seq[: seq.index(eot)] if eot in seq else seq for seq in tokens]
+        captions = [self.tokenizer.decode(s).strip() for s in ids]
+        attentions = None
+        if att is not None:
+            attentions = [att[i][: len(ids[i]) + 1] for i in range(len(ids))]
+        return Generated(ids, captions, attentions)
+
+
+# ---------------------------------------------------------------------------------------------- build / save / load
+def build(cfg: CaptionerConfig, with_encoder: bool = True, decoder_checkpoint: str | None = None,
+          encoder_dim: int | None = None):
+    """The captioner and (optionally) its frozen encoder + transform: ``(captioner, encoder, transform)``.
+
+    LoRA layers are created inside the decoder before the checkpoint is loaded into it. Without the encoder,
+    ``encoder_dim`` (its feature width) is needed to size the projection.
+    """
+    ckpt = decoder_checkpoint or cfg.decoder_checkpoint
+    decoder = Decoder.from_checkpoint(ckpt, lora=cfg.lora)
+    tokenizer = BPETokenizer(cfg.encoder_json, cfg.vocab_bpe)
+    if tokenizer.vocab_size != decoder.cfg.vocab_size:
+        raise ValueError(f"{cfg.encoder_json} has {tokenizer.vocab_size} tokens but {ckpt} embeds "
+                         f"{decoder.cfg.vocab_size}: tokenizer and decoder do not belong together")
+    encoder = transform = None
+    if with_encoder:
+        encoder, transform = create_encoder(cfg.encoder)
+        dim = encoder.num_features
+    else:
+        if encoder_dim is None:
+            raise ValueError("build(with_encoder=False) needs encoder_dim, the encoder's feature width")
+        dim = encoder_dim
+    return Captioner(cfg, dim, decoder, tokenizer), encoder, transform
+
+
+def trained_state_dict(model: Captioner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: Captioner, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the trained parameters (``.safetensors``) and the config that built them (``.json``), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(trained_state_dict(model), str(tmp))
+    meta = {"captioner": asdict(model.cfg), "encoder_dim": model.encoder_dim,
+            "trainable_params": model.trainable_parameters(), **(extra or {})}
+    jtmp = path.with_name(f".{path.stem}.json.tmp")
+    jtmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+    jtmp.replace(path.with_suffix(".json"))
+    return path
+
+
+def load_adapter(path: str | Path, decoder_checkpoint: str | None = None, with_encoder: bool = True,
+                 overrides: dict | None = None):
+    """Rebuild a captioner from ``save_adapter``'s files: ``(captioner, encoder, transform)``.
+
+    Every trained key must be present with the right shape; the message names the key otherwise.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path).with_suffix(".safetensors")
+    meta_path = path.with_suffix(".json")
+    for p in (path, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: adapter file not found (an adapter is a .safetensors + .json pair)")
+    meta = json.loads(meta_path.read_text())
+    cfg_dict = meta["captioner"]
+    if decoder_checkpoint:  # the course ships the tokenizer beside the decoder: prefer those files
+        folder = Path(decoder_checkpoint).parent
+        if (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file():
+            cfg_dict.update(encoder_json=str(folder / "encoder.json"), vocab_bpe=str(folder / "vocab.bpe"))
+    for k, v in (overrides or {}).items():
+        cfg_dict[k] = v
+    cfg = CaptionerConfig.from_dict(cfg_dict)
+    model, encoder, transform = build(cfg, with_encoder, decoder_checkpoint, encoder_dim=meta.get("encoder_dim"))
+    state = load_file(str(path))
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: trained parameters do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model.eval(), encoder, transform
+
+
+def count_check(model: Captioner, limit: int = 10_000_000) -> int:
+    """The trainable-parameter count; raises when it reaches ``limit`` (the assignment's 10 M)."""
+    n = model.trainable_parameters()
+    if n >= limit:
+        raise ValueError(f"{n:,} trainable parameters: the assignment allows fewer than {limit:,}. Lower the LoRA "
+                         f"rank, use fewer LoRA targets or a linear projection")
+    return n
+
+
+def paths_for(data_root: str | Path) -> dict[str, str]:
+    """The course files of a ``hw3_data`` root: decoder checkpoint and tokenizer."""
+    p2 = Path(data_root) / "p2_data"
+    return {"decoder_checkpoint": str(p2 / "decoder_model.bin"), "encoder_json": str(p2 / "encoder.json"),
+            "vocab_bpe": str(p2 / "vocab.bpe")}
+
+
+@torch.no_grad()
+def caption_folder(model: Captioner, encoder, transform, images_dir: str | Path,
+                   gen: GenerationConfig = GenerationConfig(), batch_size: int = 64, device: str | None = None,
+                   num_workers: int = 0) -> dict[str, str]:
+    """``{file id: caption}`` for every image of a folder (the course's hw3_2.sh output)."""
+    from .data import list_images
+    from .train import caption_features, extract_features
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    records = list_images(images_dir)
+    feats = extract_features(encoder, transform, records, model.cfg.encoder, batch_size, device, num_workers)
+    model.to(device)
+    captions = caption_features(model, feats, gen, batch_size, device)
+    return {r.file_id: c for r, c in zip(records, captions)}

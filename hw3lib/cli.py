@@ -1,0 +1,240 @@
+"""The ``hw3`` command (also ``python -m hw3lib``).
+
+  hw3 run [-f configs/demo.yaml] [--only NB ...]      the workbook: notebooks -> outputs/<profile>/
+  hw3 demo-data [--rebuild]                           the shapes world; --rebuild retrains the stand-ins
+  hw3 evaluate --pred P --annotation A --images DIR   the course's evaluate.py (CIDEr, CLIPScore)
+  hw3 download                                        fetch the real models into the usual caches
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REAL_MODELS = {  # what the hw3 profile loads (configs/hw3.yaml)
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "encoder": "vit_large_patch14_clip_224.openai_ft_in12k_in1k",
+    "clip": ("ViT-B-32-quickgelu", "openai"),
+}
+
+
+def _cmd_run(args) -> int:
+    from .workbook import WorkbookConfig, WorkbookError, run
+
+    try:
+        cfg = WorkbookConfig.load(args.config)
+        run(cfg, only=args.only, html=not args.no_html)
+    except WorkbookError as e:
+        print(f"hw3 run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_demo_data(args) -> int:
+    import time
+
+    from .demo import WORLD_DIR, ensure_demo_data
+
+    t0 = time.time()
+    rebuild = args.rebuild is not None and not args.rebuild
+    root = ensure_demo_data(rebuild=rebuild, retrain=tuple(args.rebuild or ()),
+                            world_dir=Path(args.root) if args.root else WORLD_DIR)
+    print(f"demo data ready in {root} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import DataError
+    from .metrics import ClipConfig, evaluate
+
+    try:
+        result = evaluate(args.pred, args.annotation, args.images,
+                          ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None,
+                                     batch_size=args.batch_size))
+    except (DataError, FileNotFoundError) as e:
+        print(f"hw3 evaluate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("cider", "clipscore", "num_images")}))
+    else:
+        print(f"CIDEr: {result['cider']} | CLIPScore: {result['clipscore']} | images: {result['num_images']}")
+    return 0
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+
+
+def _gen(args):
+    from .captioner import GenerationConfig
+
+    return GenerationConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+
+def _cmd_train(args) -> int:
+    from .captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
+    from .data import DataError, load_split
+    from .decoder import LoraConfig
+    from .metrics import ClipConfig, ClipScorer
+    from .train import TrainConfig, train
+
+    root = Path(args.data_root)
+    try:
+        cfg = CaptionerConfig(
+            encoder=EncoderConfig(name=args.encoder, checkpoint=args.encoder_checkpoint, use_cls=not args.no_cls,
+                                  pool=args.pool, random_weights=args.random_weights),
+            lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            targets=tuple(args.lora_targets)),
+            projection=args.projection, visual_norm=not args.no_visual_norm, **paths_for(root))
+        model, encoder, transform = build(cfg)
+        n = count_check(model)
+        print(f"trainable parameters: {n:,}")
+        train_recs = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
+        val_recs = load_split(root / "p2_data/val.json", root / "p2_data/images/val")
+        if args.max_train_images:
+            train_recs = train_recs[: args.max_train_images]
+        clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
+            if args.clip_model else None
+        tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           captions_per_image=args.captions_per_image, eval_images=args.eval_images,
+                           feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed)
+        result = train(model, encoder, transform, train_recs, val_recs, tcfg, args.out, _gen(args), clip=clip,
+                       resume=not args.no_resume)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"hw3 train: {e}", file=sys.stderr)
+        return 2
+    print(f"best epoch {result.best_epoch}: {result.best_path}")
+    return 0
+
+
+def _cmd_caption(args) -> int:
+    from .captioner import caption_folder, load_adapter
+    from .data import DataError, write_json_atomic
+
+    try:
+        model, encoder, transform = load_adapter(args.adapter, decoder_checkpoint=args.decoder)
+        pred = caption_folder(model, encoder, transform, args.images, _gen(args), batch_size=args.batch_size)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"hw3 caption: {e}", file=sys.stderr)
+        return 2
+    write_json_atomic(args.out_json, pred)
+    print(f"{len(pred)} captions -> {args.out_json}")
+    return 0
+
+
+def _cmd_download(args) -> int:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        print("hw3 download: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set; unset it on a machine with network",
+              file=sys.stderr)
+        return 1
+    try:
+        from huggingface_hub import snapshot_download
+
+        print(f"LLaVA {REAL_MODELS['llava']} (about 14 GB) ...", flush=True)
+        path = snapshot_download(REAL_MODELS["llava"], allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                       "*.jinja"])
+        print(f"  -> {path}")
+        import timm
+
+        print(f"timm encoder {REAL_MODELS['encoder']} ...", flush=True)
+        timm.create_model(REAL_MODELS["encoder"], pretrained=True)
+        print("  -> the Hugging Face cache (timm/...)")
+        import open_clip
+
+        print(f"CLIP {REAL_MODELS['clip'][0]} / {REAL_MODELS['clip'][1]} ...", flush=True)
+        open_clip.create_model(REAL_MODELS["clip"][0], pretrained=REAL_MODELS["clip"][1])
+        print("  -> the Hugging Face cache (timm/vit_base_patch32_clip_224.openai)")
+    except Exception as e:  # no network surfaces as many exception types (DNS, connection, offline mode)
+        print(f"hw3 download: could not fetch ({type(e).__name__}: {str(e)[:300]}). This needs network access to the "
+              f"Hugging Face hub; on an offline machine copy the cache (~/.cache/huggingface) from one that has it.",
+              file=sys.stderr)
+        return 1
+    print("done: the hw3 profile now loads these offline (HF_HUB_OFFLINE=1 works)")
+    print("the course's decoder_model.bin, encoder.json and vocab.bpe come with hw3_data/p2_data/ (not downloadable)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hw3", description="The HW3 captioning workbook")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="execute the notebooks of a profile into outputs/<profile>/")
+    r.add_argument("-f", "--config", default="configs/demo.yaml", help="papermill parameter file (default: demo)")
+    r.add_argument("--only", nargs="+", help="run only these notebooks (names without .ipynb)")
+    r.add_argument("--no-html", action="store_true", help="skip the nbconvert HTML reports")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo-data", help="build the shapes world (and any missing stand-in)")
+    d.add_argument("--rebuild", nargs="*", metavar="NAME", default=None,
+                   help="retrain these stand-ins (decoder, vit, clip); no name: regenerate the world, retrain all")
+    d.add_argument("--root", help="where to write the world (default: data/demo/hw3_data)")
+    d.set_defaults(func=_cmd_demo_data)
+
+    e = sub.add_parser("evaluate", help="CIDEr and CLIPScore of a predictions JSON (the course's evaluate.py)")
+    e.add_argument("--pred", required=True, help="predictions JSON {file id: caption}")
+    e.add_argument("--annotation", required=True, help="COCO captions JSON with the references")
+    e.add_argument("--images", required=True, help="folder of the images")
+    e.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="open_clip name or a local CLIP folder")
+    e.add_argument("--clip-pretrained", default="openai", help="open_clip tag or checkpoint file ('' for none)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--json", action="store_true", help="print one machine-readable JSON line")
+    e.set_defaults(func=_cmd_evaluate)
+
+    t = sub.add_parser("train", help="train the P2 LoRA captioner on a hw3_data root")
+    t.add_argument("--data-root", default="hw3_data", help="the hw3_data folder (p2_data/ inside)")
+    t.add_argument("--out", required=True, help="run folder: last.pt (resume), best.safetensors + best.json")
+    t.add_argument("--encoder", default="vit_large_patch14_clip_224.openai_ft_in12k_in1k",
+                   help="timm model name or a local timm folder")
+    t.add_argument("--encoder-checkpoint", default="", help="local weights file for --encoder")
+    t.add_argument("--random-weights", action="store_true", help="encoder without pretrained weights (dry runs)")
+    t.add_argument("--no-cls", action="store_true", help="patch tokens only")
+    t.add_argument("--pool", type=int, default=1, help="average-pool the patch grid by this factor")
+    t.add_argument("--projection", choices=["linear", "mlp"], default="mlp")
+    t.add_argument("--no-visual-norm", action="store_true", help="skip the LayerNorm on visual tokens")
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=int, default=32)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_fc"],
+                   choices=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"])
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--captions-per-image", type=int, default=0, help="references per image per epoch (0 = all)")
+    t.add_argument("--eval-images", type=int, default=0, help="val images captioned each epoch (0 = all)")
+    t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default="memory")
+    t.add_argument("--num-workers", type=int, default=4)
+    t.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
+    t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
+    t.add_argument("--clip-pretrained", default="")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    _gen_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("caption", help="caption a folder with a trained adapter (the course's hw3_2.sh)")
+    c.add_argument("images", help="folder of images")
+    c.add_argument("out_json", help="predictions JSON to write {file id: caption}")
+    c.add_argument("decoder", help="the course's decoder_model.bin")
+    c.add_argument("--adapter", required=True, help="best.safetensors (with best.json beside it)")
+    c.add_argument("--batch-size", type=int, default=64)
+    _gen_args(c)
+    c.set_defaults(func=_cmd_caption)
+
+    w = sub.add_parser("download", help="fetch the real models of the hw3 profile (needs network)")
+    w.set_defaults(func=_cmd_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

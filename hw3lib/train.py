@@ -1,0 +1,202 @@
+"""Training the P2 captioner: the loop shared by notebook 02 and ``hw3 train``.
+
+* The frozen encoder runs once per image, not once per caption per epoch: its features are cached (in memory, or
+  on disk to share between runs) unless augmentation is on.
+* AdamW (fused on CUDA) on the projection + LoRA weights only, linear warm-up then cosine decay, gradient clipping,
+  bf16 autocast on the GPU.
+* Each epoch ends with validation CIDEr / CLIPScore, an atomic checkpoint (``last.pt``: trained weights, optimiser,
+  schedule, history) and, when it is the best so far, the adapter (``best.safetensors`` + ``best.json``).
+  ``resume`` continues after a kill with the same schedule and data order: the run ends with the same parameters
+  as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .captioner import Captioner, GenerationConfig, encode_images, save_adapter, trained_state_dict
+from .data import ImageDataset, Record
+
+
+@dataclass
+class TrainConfig:
+    num_epochs: int = 5  # passes over the training samples
+    batch_size: int = 64  # captions per step
+    lr: float = 1e-3  # peak learning rate (projection and LoRA alike)
+    weight_decay: float = 0.01  # AdamW; small, LoRA matrices are already low-rank
+    warmup_ratio: float = 0.05  # fraction of all steps spent warming up linearly
+    grad_clip: float = 1.0  # max global grad norm
+    captions_per_image: int = 0  # per epoch: 0 = every reference; k = k references drawn per image (short epochs)
+    eval_images: int = 0  # val images captioned after each epoch (0 = all)
+    eval_batch_size: int = 64  # images per generate() call
+    seed: int = 0  # data order, dropout, caption draws
+    feature_cache: str = "memory"  # "memory", "disk" (out_dir/features-*.pt) or "off" (encoder every step)
+    num_workers: int = 0  # image-decoding workers for feature extraction
+    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one row per epoch: loss, val cider / clipscore, seconds
+    best_epoch: int
+    best_path: Path | None
+    seconds: float
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@torch.no_grad()
+def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_size: int = 64, device="cpu",
+                     num_workers: int = 0, desc: str = "encoder features") -> torch.Tensor:
+    """Run the frozen encoder once over ``records``: (N, V, D) features in float16 on the CPU."""
+    loader = torch.utils.data.DataLoader(ImageDataset(records, transform), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    encoder.to(device).eval()
+    out = []
+    for pixel_values, _ in tqdm(loader, desc=desc, leave=False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            out.append(encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half().cpu())
+    return torch.cat(out)
+
+
+def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_dir: Path, device) -> torch.Tensor:
+    """Features from the disk cache when ``feature_cache == "disk"`` and it matches, else freshly extracted."""
+    if cfg.feature_cache != "disk":
+        return extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, cfg.num_workers)
+    key = hashlib.sha1(json.dumps([asdict(enc_cfg), [str(r.image_path) for r in records]]).encode()).hexdigest()[:16]
+    path = Path(out_dir) / f"features-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    feats = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, cfg.num_workers)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(feats, tmp)
+    tmp.replace(path)
+    return feats
+
+
+def _samples(records: list[Record], k: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(image index, reference index) pairs of one epoch."""
+    pairs = []
+    for i, r in enumerate(records):
+        refs = range(len(r.references))
+        chosen = refs if k <= 0 or k >= len(refs) else rng.choice(len(refs), size=k, replace=False)
+        pairs.extend((i, int(j)) for j in chosen)
+    return pairs
+
+
+def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationConfig, batch_size: int = 64,
+                     device="cpu") -> list[str]:
+    """Captions for pre-computed features, batched."""
+    model.eval()
+    out = []
+    for i in range(0, len(features), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            out.extend(model.generate(features[i : i + batch_size].to(device), gen).captions)
+    return out
+
+
+def train(model: Captioner, encoder, transform, train_records: list[Record], val_records: list[Record],
+          cfg: TrainConfig, out_dir: str | Path, gen: GenerationConfig = GenerationConfig(), clip=None,
+          resume: bool = True, device: str | None = None, on_step=None, log=print) -> TrainResult:
+    """Train ``model``'s projection + LoRA on ``train_records``; validate on ``val_records`` every epoch.
+
+    Args:
+        clip: a :class:`hw3lib.metrics.ClipScorer` for validation CLIPScore (None: CIDEr only).
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        on_step: called as ``on_step(epoch, step)`` after every optimiser step (tests use it to simulate a kill).
+    """
+    from .metrics import cider, clip_score
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    if cfg.feature_cache not in ("memory", "disk", "off"):
+        raise ValueError(f"feature_cache must be 'memory', 'disk' or 'off', got {cfg.feature_cache!r}")
+    t_start = time.time()
+    val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
+    train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
+        if cfg.feature_cache != "off" else None
+    val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device)
+
+    per_epoch = len(_samples(train_records, cfg.captions_per_image, np.random.default_rng(0)))
+    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+    total = steps_per_epoch * cfg.num_epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, int(cfg.warmup_ratio * total)))
+    history, start_epoch, best = [], 0, (-1.0, -1)
+    last = out_dir / "last.pt"
+    if resume and last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["trained"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start_epoch, best = state["history"], state["epoch"] + 1, tuple(state["best"])
+        log(f"resumed from {last} after epoch {state['epoch'] + 1}/{cfg.num_epochs}")
+
+    amp = cfg.amp and device.type == "cuda"
+    for epoch in range(start_epoch, cfg.num_epochs):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, epoch])  # the epoch's data order does not depend on a resume
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        pairs = _samples(train_records, cfg.captions_per_image, rng)
+        order = rng.permutation(len(pairs))
+        model.train()
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False)
+        for step in bar:
+            batch = [pairs[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            idx = torch.tensor([i for i, _ in batch])
+            if train_feats is not None:
+                feats = train_feats[idx].to(device, non_blocking=True)
+            else:
+                pixel_values = torch.stack([ImageDataset(train_records, transform)[int(i)][0] for i in idx])
+                feats = encode_images(encoder.to(device), pixel_values.to(device), model.cfg.encoder)
+            ids, targets = model.batch_captions([train_records[i].references[j] for i, j in batch])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = model(feats, ids.to(device), targets.to(device)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if on_step is not None:
+                on_step(epoch, step)
+        preds = caption_features(model, val_feats, gen, cfg.eval_batch_size, device)
+        pred = {r.file_id: c for r, c in zip(val_records, preds)}
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+               "val_cider": cider(pred, {r.file_id: list(r.references) for r in val_records})[0]}
+        if clip is not None:
+            row["val_clipscore"] = clip_score(clip, pred, val_records[0].image_path.parent)[0]
+        row["seconds"] = round(time.time() - t0, 1)
+        history.append(row)
+        if row["val_cider"] > best[0]:
+            best = (row["val_cider"], epoch + 1)
+            save_adapter(model, out_dir / "best", extra={"epoch": epoch + 1, "history": history})
+        _save_last(last, model, opt, sched, epoch, history, best)
+        log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}, val CIDEr {row['val_cider']:.3f}"
+            + (f", CLIPScore {row['val_clipscore']:.3f}" if "val_clipscore" in row else "") + f" ({row['seconds']}s)")
+    best_path = out_dir / "best.safetensors"
+    return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
+
+
+def _save_last(path: Path, model, opt, sched, epoch, history, best) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"trained": trained_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch, "history": history, "best": list(best)}, tmp)
+    tmp.replace(path)

@@ -1,0 +1,122 @@
+"""Figures. Every function takes whole arrays / records and returns a matplotlib ``Figure``; notebooks show and
+save them."""
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .data import Record, load_image  # noqa: E402
+
+
+def image_grid(records: list[Record], captions: list[str] | None = None, boxes: list[list[dict]] | None = None,
+               cols: int = 4, size: float = 2.6) -> Figure:
+    """Images in a grid, each titled with a caption (default: its first reference) and, when given, its object
+    boxes (``[{"box": [x0, y0, x1, y1], "color", "shape"}]``) drawn over it."""
+    rows = -(-len(records) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.5)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (rec, ax) in enumerate(zip(records, axes.flat)):
+        ax.imshow(load_image(rec.image_path))
+        caption = captions[i] if captions is not None else (rec.references[0] if rec.references else rec.file_id)
+        ax.set_title("\n".join(textwrap.wrap(caption, 30)), fontsize=8)
+        for obj in (boxes[i] if boxes is not None else []):
+            x0, y0, x1, y1 = obj["box"]
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1, ec="black"))
+            ax.text(x0, y0 - 1, f"{obj['color']} {obj['shape']}", fontsize=6, va="bottom",
+                    bbox=dict(fc="white", alpha=0.7, lw=0, pad=0.5))
+    fig.tight_layout()
+    return fig
+
+
+def caption_statistics(references: dict[str, list[str]], top: int = 20) -> Figure:
+    """Caption length (words) histogram and the most frequent words."""
+    caps = [c for cs in references.values() for c in cs]
+    lengths = [len(c.split()) for c in caps]
+    words = Counter(w.strip(".,").lower() for c in caps for w in c.split())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
+    a.hist(lengths, bins=range(min(lengths), max(lengths) + 2), color="tab:blue", edgecolor="white")
+    a.set(xlabel="words per caption", ylabel="captions", title=f"{len(caps)} captions of {len(references)} images")
+    common = words.most_common(top)
+    b.barh([w for w, _ in common][::-1], [n for _, n in common][::-1], color="tab:gray")
+    b.set(xlabel="occurrences", title=f"the {top} most frequent of {len(words)} words")
+    b.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def score_histograms(groups: dict[str, np.ndarray], xlabel: str = "CLIPScore", title: str = "") -> Figure:
+    """Overlaid histograms of several score groups (e.g. own caption vs. another image's caption)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo = min(float(np.min(v)) for v in groups.values())
+    hi = max(float(np.max(v)) for v in groups.values())
+    bins = np.linspace(lo, hi, 30)
+    for name, values in groups.items():
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (mean {np.mean(values):.3f})")
+    ax.set(xlabel=xlabel, ylabel="images", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: list[dict], title: str = "") -> Figure:
+    """Loss and validation metrics per epoch (rows of :class:`hw3lib.train.TrainResult`.history)."""
+    epochs = [h["epoch"] for h in history]
+    keys = [k for k in ("val_cider", "val_clipscore") if k in history[0]]
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.2 * (1 + len(keys)), 3.2), squeeze=False)
+    axes[0, 0].plot(epochs, [h["loss"] for h in history], "o-")
+    axes[0, 0].set(xlabel="epoch", ylabel="train loss (caption tokens)")
+    for ax, k in zip(axes[0, 1:], keys):
+        ax.plot(epochs, [h[k] for h in history], "o-", color="tab:green")
+        ax.set(xlabel="epoch", ylabel=k.replace("val_", "val ").replace("cider", "CIDEr").replace("clipscore",
+                                                                                                  "CLIPScore"))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def token_norms(groups: dict[str, np.ndarray], title: str = "") -> Figure:
+    """Histograms of per-token L2 norms (log x): text embeddings vs. visual tokens with / without normalisation."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.3))
+    lo = max(1e-3, min(float(np.min(v)) for v in groups.values()))
+    hi = max(float(np.max(v)) for v in groups.values())
+    bins = np.geomspace(lo, hi, 40)
+    for name, values in groups.items():
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (median {np.median(values):.2f})")
+    ax.set(xscale="log", xlabel="token L2 norm", ylabel="tokens", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def caption_lengths(captions: dict[str, list[str]]) -> Figure:
+    """Word-count distributions of several caption sets (e.g. predictions vs. references)."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    all_lengths = [len(c.split()) for cs in captions.values() for c in cs]
+    bins = np.arange(min(all_lengths), max(all_lengths) + 2) - 0.5
+    for name, cs in captions.items():
+        ax.hist([len(c.split()) for c in cs], bins=bins, alpha=0.6, density=True,
+                label=f"{name} (mean {np.mean([len(c.split()) for c in cs]):.1f})")
+    ax.set(xlabel="words per caption", ylabel="fraction")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
+    """A Markdown table of dict rows (same keys), for ``IPython.display.Markdown``."""
+    keys = list(rows[0])
+
+    def fmt(v):
+        return f"{v:{floatfmt}}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+from hw3lib.cli import main
+
+
+def test_evaluate_json_line(world, models_dir, tmp_path, capsys):
+    ann = json.loads((world / "p1_data/val.json").read_text())
+    pred = {img["file_name"][:-4]: "a red circle" for img in ann["images"]}
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    code = main(["evaluate", "--pred", str(tmp_path / "pred.json"), "--annotation", str(world / "p1_data/val.json"),
+                 "--images", str(world / "p1_data/images/val"), "--clip-model", str(models_dir / "clip"),
+                 "--clip-pretrained", "", "--json"])
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line)
+    assert set(result) == {"cider", "clipscore", "num_images"} and result["num_images"] == len(pred)
+
+
+def test_evaluate_wrong_keys_is_a_clear_error(world, models_dir, tmp_path, capsys):
+    (tmp_path / "pred.json").write_text(json.dumps({"000000000001": "a red circle"}))
+    code = main(["evaluate", "--pred", str(tmp_path / "pred.json"), "--annotation", str(world / "p1_data/val.json"),
+                 "--images", str(world / "p1_data/images/val"), "--clip-model", str(models_dir / "clip")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pred.json: keys differ" in err and "missing" in err and "extra (e.g. ['000000000001'])" in err
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "hw3lib", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("run", "demo-data", "evaluate", "download"):
+        assert command in out
+
+
+def test_download_offline_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download"]) == 1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from pycocoevalcap.cider.cider import Cider
+
+import hw3lib.metrics as metrics
+from hw3lib.data import DataError, load_image, load_split
+from hw3lib.metrics import auc, cider, clip_score, evaluate
+
+
+@pytest.fixture(scope="module")
+def val(world):
+    return load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:60]
+
+
+def _predictions(val):
+    # a mix of good and wrong captions so that CIDEr is neither 0 nor the maximum
+    return {r.file_id: (r.references[0] if i % 3 else "a purple star and a yellow circle") for i, r in enumerate(val)}
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="needs java")
+def test_cider_equals_pycocoevalcap(val):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    pred = _predictions(val)
+    refs = {r.file_id: list(r.references[1:]) for r in val}
+    ours, per_image = cider(pred, refs)
+    # pycocoevalcap on its own, as the course's evaluate.py calls it
+    tok = PTBTokenizer()
+    res = tok.tokenize({k: [{"caption": pred[k]}] for k in refs})
+    gts = tok.tokenize({k: [{"caption": c} for c in refs[k]] for k in refs})
+    theirs, theirs_per = Cider().compute_score(gts, res)
+    assert ours == theirs  # to the last digit
+    assert np.allclose(list(per_image.values()), theirs_per)
+    assert 0.1 < ours < 10
+
+
+def test_cider_without_java_warns_once_and_agrees(val, monkeypatch):
+    pred = _predictions(val)
+    refs = {r.file_id: list(r.references[1:]) for r in val}
+    with_java = cider(pred, refs)[0] if metrics.java_available() else None
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics, "_warned_no_java", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        no_java = cider(pred, refs)[0]
+        cider(pred, refs)
+    assert sum("java not found" in str(w.message) for w in caught) == 1
+    if with_java is not None:
+        assert no_java == with_java
+
+
+def test_cider_key_checks(val):
+    refs = {r.file_id: list(r.references) for r in val[:3]}
+    pred = {k: "x" for k in list(refs)[:2]} | {"000000000000": "y"}
+    with pytest.raises(DataError, match=r"1 missing .*1 extra \(e.g. \['000000000000'\]\)"):
+        cider(pred, refs)
+
+
+def test_clipscore_equals_a_brute_force_loop(val, clip_scorer):
+    pred = _predictions(val)
+    mean, per_image = clip_score(clip_scorer, pred, val[0].image_path.parent)
+    ref = []
+    model, pre, tok = clip_scorer.model, clip_scorer.preprocess, clip_scorer.tokenizer
+    with torch.no_grad():  # one image at a time, as evaluate.py does
+        for r in val:
+            img = model.encode_image(pre(load_image(r.image_path)).unsqueeze(0))
+            txt = model.encode_text(tok([pred[r.file_id]]))
+            img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+            cos = torch.nn.functional.cosine_similarity(img, txt).item()
+            ref.append(2.5 * max(cos, 0))
+    assert np.allclose([per_image[r.file_id] for r in val], ref, atol=1e-5)
+    assert abs(mean - np.mean(ref)) < 1e-5
+
+
+def test_clipscore_truncates_long_captions(val, clip_scorer):
+    long = " ".join(["a red circle"] * 100)
+    scores = clip_scorer.score_pairs(val[:2], [long, long])
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_evaluate_end_to_end(world, val, clip_scorer, tmp_path):
+    full = load_split(world / "p2_data/val.json", world / "p2_data/images/val")
+    pred = {r.file_id: r.references[0] for r in full}
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    result = evaluate(tmp_path / "pred.json", world / "p2_data/val.json", world / "p2_data/images/val", clip_scorer)
+    assert result["num_images"] == len(full) and set(result["per_image"]) == set(pred)
+    assert result["cider"] > 1.0 and 0 < result["clipscore"] <= 2.5
+
+
+def test_auc():
+    assert auc(np.array([2.0, 3.0]), np.array([1.0, 0.0])) == 1.0
+    assert auc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert auc(np.array([0.0, 2.0]), np.array([1.0])) == 0.5

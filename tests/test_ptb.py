@@ -1,0 +1,36 @@
+"""The Python PTB tokenizer must agree with pycocoevalcap's Java one on tricky captions."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hw3lib.metrics import java_available
+from hw3lib.ptb import ptb_tokenize
+
+CORPUS = [line.rstrip("\n") for line in (Path(__file__).parent / "ptb_corpus.txt").open(encoding="utf-8")]
+
+
+def _both(captions):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    data = {i: [{"caption": c}] for i, c in enumerate(captions)}
+    return PTBTokenizer().tokenize(data), ptb_tokenize(data)
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
+def test_agrees_with_java_on_tricky_captions():
+    java, python = _both(CORPUS)
+    diff = [(CORPUS[i], java[i][0], python[i][0]) for i in java if java[i] != python[i]]
+    assert not diff, diff
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
+def test_agrees_with_java_on_the_world(world):
+    caps = [a["caption"] for a in json.loads((world / "p2_data/val.json").read_text())["annotations"]][:500]
+    java, python = _both(caps)
+    assert java == python
+
+
+def test_known_tokens():
+    out = ptb_tokenize({0: [{"caption": "A man's dog (big) isn't here."}]})
+    assert out == {0: ["a man 's dog -lrb- big -rrb- is n't here"]}

@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, paths_for, trained_state_dict
+from hw3lib.cli import main
+from hw3lib.data import load_split
+from hw3lib.decoder import LoraConfig
+from hw3lib.demo.world import WorldConfig, build_world
+from hw3lib.train import TrainConfig, train
+
+
+class Killed(Exception):
+    pass
+
+
+def _fresh(world, models_dir):
+    torch.manual_seed(0)
+    cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
+                          lora=LoraConfig(r=2, alpha=4, dropout=0.1, targets=("c_attn",)), **paths_for(world))
+    return build(cfg)
+
+
+def test_killed_and_resumed_equals_uninterrupted(world, models_dir, tmp_path):
+    recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:12]
+    val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:3]
+    cfg = TrainConfig(num_epochs=3, batch_size=8, lr=3e-3, captions_per_image=2, seed=1)
+    kw = dict(log=lambda *_: None, device="cpu")
+
+    model, enc, tr = _fresh(world, models_dir)
+    train(model, enc, tr, recs, val, cfg, tmp_path / "a", **kw)
+    reference = trained_state_dict(model)
+
+    def kill(epoch, step):
+        if epoch == 1 and step == 1:
+            raise Killed
+
+    model, enc, tr = _fresh(world, models_dir)
+    with pytest.raises(Killed):
+        train(model, enc, tr, recs, val, cfg, tmp_path / "b", on_step=kill, **kw)
+    model, enc, tr = _fresh(world, models_dir)  # a new process: fresh model, resumes from last.pt
+    result = train(model, enc, tr, recs, val, cfg, tmp_path / "b", **kw)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    resumed = trained_state_dict(model)
+    assert set(resumed) == set(reference)
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "b").iterdir())
+
+
+def _fake_hw3_data(root, models_dir):
+    """The real layout with a random GPT-2-format checkpoint of a tiny config and 12-digit JPEGs."""
+    build_world(root, WorldConfig(seed=5, num_train=8, num_val=4, num_p1=2))
+    p2 = root / "p2_data"
+    for f in ("encoder.json", "vocab.bpe"):
+        shutil.copy(models_dir / "decoder" / f, p2 / f)
+    vocab = len(json.loads((p2 / "encoder.json").read_text()))
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=1, n_embd=64, vocab_size=vocab, n_positions=128,
+                                      bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+    torch.save(gpt2.transformer.state_dict(), p2 / "decoder_model.bin")
+    return root
+
+
+def test_dry_run_on_a_fake_hw3_data(models_dir, tmp_path, capsys):
+    root = _fake_hw3_data(tmp_path / "hw3_data", models_dir)
+    out = tmp_path / "run"
+    code = main(["train", "--data-root", str(root), "--out", str(out), "--encoder", "vit_tiny_patch16_224",
+                 "--random-weights", "--pool", "2", "--epochs", "1", "--batch-size", "8", "--lora-r", "2",
+                 "--max-new-tokens", "6", "--num-workers", "0", "--captions-per-image", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "best.safetensors").is_file() and (out / "last.pt").is_file()
+    pred = tmp_path / "pred.json"
+    images = root / "p2_data/images/val"
+    assert main(["caption", str(images), str(pred), str(root / "p2_data/decoder_model.bin"),
+                 "--adapter", str(out / "best.safetensors"), "--max-new-tokens", "6"]) == 0
+    captions = json.loads(pred.read_text())
+    assert set(captions) == {p.stem for p in images.iterdir()}
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--annotation", str(root / "p2_data/val.json"), "--images",
+                 str(images), "--clip-model", str(models_dir / "clip"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_images"] == 4
+
+
+def test_train_refuses_too_many_parameters(models_dir, tmp_path, capsys):
+    root = _fake_hw3_data(tmp_path / "hw3_data", models_dir)
+    code = main(["train", "--data-root", str(root), "--out", str(tmp_path / "r"), "--encoder", "vit_tiny_patch16_224",
+                 "--random-weights", "--lora-r", "20000", "--lora-targets", "c_fc"])
+    assert code == 2
+    assert "trainable parameters: the assignment allows fewer than 10,000,000" in capsys.readouterr().err

@@ -1,0 +1,28 @@
+# Sourced by run_all.sh and run_tests.sh: pick (or create) the Python environment and install the package once.
+# Uses the active conda env / virtualenv when there is one; otherwise creates .venv/ next to this repository.
+# Sets PY to the interpreter to use.
+
+if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+  PY="$(command -v python)"
+else
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "[setup] creating .venv/ (first run)"
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --upgrade pip
+  fi
+  PY="$PWD/.venv/bin/python"
+fi
+
+_stamp="$("$PY" -c 'import sys; print(sys.prefix)')/.hw3lib-install-stamp"
+_want="$(sha1sum pyproject.toml | cut -d' ' -f1) $PWD"
+if [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$_want" ]] || ! "$PY" -c "import hw3lib" 2>/dev/null; then
+  echo "[setup] installing hw3lib and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)') (minutes, once)"
+  "$PY" -m pip install --quiet -e ".[dev]"
+  echo "$_want" > "$_stamp"
+fi
+
+if ! command -v java >/dev/null 2>&1; then
+  echo "[setup] note: java not found; CIDEr will use hw3lib's Python port of the PTB tokenizer." \
+       "Install a JRE (apt install default-jre, or conda's openjdk) to use pycocoevalcap's own." >&2
+fi
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
