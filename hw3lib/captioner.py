@@ -164,6 +164,20 @@ class Captioner(nn.Module):
             full_targets = torch.cat([targets.new_full(vis.shape[:2], -100), targets], 1)
         return self.decoder(inputs_embeds=x, targets=full_targets, output_attentions=output_attentions)
 
+    def forward_shared(self, features: torch.Tensor, image_index: torch.Tensor, input_ids: torch.Tensor,
+                       targets: torch.Tensor):
+        """The same loss as :meth:`forward` for several captions per image, computing each image's visual prefix
+        once: the prefix comes first and attention is causal, so its keys and values do not depend on the caption.
+
+        Args:
+            features: (B, V, D), one row per image.
+            image_index: (N,) the image of each caption.
+            input_ids, targets: (N, T) as in :meth:`forward`.
+        """
+        prefix = self.decoder(inputs_embeds=self.visual_tokens(features), logits=False)
+        past = [(k[image_index], v[image_index]) for k, v in prefix.past_key_values]
+        return self.decoder(input_ids, targets=targets, past_key_values=past)
+
     def batch_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, targets)`` for captions, right-padded (targets -100 on padding)."""
         eot, limit = self.tokenizer.eot_id, self.cfg.max_caption_tokens

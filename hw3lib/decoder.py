@@ -113,7 +113,7 @@ class Block(nn.Module):
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor  # (B, T, vocab); the last hidden states (B, T, C) when called with logits=False
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over targets != -100
     past_key_values: list | None = None  # per layer (k, v), each (B, nh, S, hs)
     attentions: list | None = field(default=None)  # per layer (B, nh, T, S) when output_attentions
@@ -154,7 +154,8 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, past_key_values: list | None = None,
-                position_offset: int | torch.Tensor = 0, output_attentions: bool = False) -> DecoderOutput:
+                position_offset: int | torch.Tensor = 0, output_attentions: bool = False,
+                logits: bool = True) -> DecoderOutput:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -169,11 +170,13 @@ class Decoder(nn.Module):
             presents.append(present)
             if output_attentions:
                 attentions.append(att)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        if not logits:  # only the KV cache is wanted (a shared prefix): skip ln_f and the vocabulary projection
+            return DecoderOutput(x, None, presents, attentions)
+        out = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return DecoderOutput(logits, loss, presents, attentions)
+            loss = F.cross_entropy(out.float().view(-1, out.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return DecoderOutput(out, loss, presents, attentions)
 
     # ------------------------------------------------------------------------------------------- checkpoint I/O
     @classmethod

@@ -86,14 +86,20 @@ def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_
     return feats
 
 
-def _samples(records: list[Record], k: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """(image index, reference index) pairs of one epoch."""
-    pairs = []
-    for i, r in enumerate(records):
-        refs = range(len(r.references))
-        chosen = refs if k <= 0 or k >= len(refs) else rng.choice(len(refs), size=k, replace=False)
-        pairs.extend((i, int(j)) for j in chosen)
-    return pairs
+def epoch_batches(records: list[Record], k: int, batch_size: int, rng: np.random.Generator,
+                  ) -> list[list[tuple[int, int]]]:
+    """One epoch's steps as (image index, reference index) pairs: images in a random order, each with ``k`` of its
+    references (all when ``k`` is 0); a step holds whole images and about ``batch_size`` captions, so that every
+    image's visual prefix runs through the decoder once per step (:meth:`Captioner.forward_shared`)."""
+    steps, current = [], []
+    for i in rng.permutation(len(records)):
+        n = len(records[i].references)
+        chosen = range(n) if k <= 0 or k >= n else sorted(rng.choice(n, size=k, replace=False))
+        current.extend((int(i), int(j)) for j in chosen)
+        if len(current) >= batch_size:
+            steps.append(current)
+            current = []
+    return steps + ([current] if current else [])
 
 
 def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationConfig, batch_size: int = 64,
@@ -131,9 +137,10 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         if cfg.feature_cache != "off" else None
     val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device)
 
-    per_epoch = len(_samples(train_records, cfg.captions_per_image, np.random.default_rng(0)))
-    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
-    total = steps_per_epoch * cfg.num_epochs
+    # the whole plan up front: each epoch's order depends on (seed, epoch) only, so a resumed run replays it
+    plan = [epoch_batches(train_records, cfg.captions_per_image, cfg.batch_size, np.random.default_rng([cfg.seed, e]))
+            for e in range(cfg.num_epochs)]
+    total = sum(map(len, plan))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, int(cfg.warmup_ratio * total)))
@@ -150,24 +157,22 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     amp = cfg.amp and device.type == "cuda"
     for epoch in range(start_epoch, cfg.num_epochs):
         t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, epoch])  # the epoch's data order does not depend on a resume
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        pairs = _samples(train_records, cfg.captions_per_image, rng)
-        order = rng.permutation(len(pairs))
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
         model.train()
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False)
-        for step in bar:
-            batch = [pairs[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            idx = torch.tensor([i for i, _ in batch])
+        bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False)
+        for step, batch in enumerate(bar):
+            images = sorted({i for i, _ in batch})
+            local = {i: n for n, i in enumerate(images)}
             if train_feats is not None:
-                feats = train_feats[idx].to(device, non_blocking=True)
+                feats = train_feats[images].to(device, non_blocking=True)
             else:
-                pixel_values = torch.stack([ImageDataset(train_records, transform)[int(i)][0] for i in idx])
+                pixel_values = torch.stack([ImageDataset(train_records, transform)[i][0] for i in images])
                 feats = encode_images(encoder.to(device), pixel_values.to(device), model.cfg.encoder)
+            image_index = torch.tensor([local[i] for i, _ in batch], device=device)
             ids, targets = model.batch_captions([train_records[i].references[j] for i, j in batch])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                loss = model(feats, ids.to(device), targets.to(device)).loss
+                loss = model.forward_shared(feats, image_index, ids.to(device), targets.to(device)).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

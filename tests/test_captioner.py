@@ -135,3 +135,13 @@ def test_no_repeat_ngram(setup):
     assert model._banned([[1, 2, 3, 1, 2]], 3) == [[3]]
     assert model._banned([[1, 2, 1]], 2) == [[2]]
     assert model._banned([[5]], 0) == [[]]
+
+
+def test_shared_prefix_equals_the_full_forward(setup):
+    model, _, _, records, feats = setup
+    image_index = torch.tensor([0, 0, 1, 2, 2, 2])
+    ids, targets = model.batch_captions([records[int(i)].references[k % 5] for k, i in enumerate(image_index)])
+    full = model(feats[image_index], ids, targets)
+    shared = model.forward_shared(feats[:3], image_index, ids, targets)
+    torch.testing.assert_close(shared.loss, full.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.logits, full.logits[:, feats.shape[1]:], atol=1e-4, rtol=1e-4)

@@ -1,7 +1,9 @@
 """Notebooks are committed clean, declare typed parameters, and run."""
+import ast
 import json
 
 import nbformat
+import papermill
 import pytest
 
 import hw3lib.workbook as wb
@@ -19,6 +21,10 @@ def test_committed_clean(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one parameters cell"
+    # papermill must understand every line (it silently skips one whose comment holds '='), so that
+    # `papermill --help-notebook` lists them and the runner can route each config value
+    assigned = [t.id for node in ast.parse(tagged[0].source).body for t in node.targets]
+    assert list(papermill.inspect_notebook(str(path))) == assigned
 
 
 def test_shapes_world_notebook_runs(world, tmp_path):
@@ -30,3 +36,20 @@ def test_shapes_world_notebook_runs(world, tmp_path):
     assert merged["world"]["parser_agreement"] == 1.0
     assert (tmp_path / "report/00_shapes_world.html").stat().st_size > 10_000
     assert json.loads((tmp_path / "metrics.json").read_text())["clip_check"] == merged["clip_check"]
+
+
+def test_captioner_notebooks_run_quickly(world, tmp_path):
+    """02 then 03 on a slice of the training set: the papermill path, the metrics sections, the adapter hand-off."""
+    cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
+    cfg.output_dir = tmp_path
+    cfg.parameters = {**cfg.parameters, "num_epochs": 1, "variant_epochs": 1, "max_train_images": 60,
+                      "eval_images": 10, "max_new_tokens": 12, "num_show": 2}
+    merged = wb.run(cfg, only=["02_train_lora_captioner", "03_evaluate"], html=False, log=lambda *_: None)
+    captioner = merged["captioner"]
+    for key in ("cider", "clipscore", "caption_accuracy", "trainable_params", "baseline_cider", "variants"):
+        assert key in captioner, key
+    assert len(captioner["variants"]) == 3 and captioner["trainable_params"] < 10_000_000
+    predictions = json.loads((tmp_path / "p2_val_predictions.json").read_text())
+    per_image = json.loads((tmp_path / "p2_val_per_image.json").read_text())
+    assert len(predictions) == 300 and set(per_image) == set(predictions)
+    assert (tmp_path / "p2/main/best.safetensors").is_file()
