@@ -20,13 +20,17 @@ def image_grid(records: list[Record], captions: list[str] | None = None, boxes: 
     """Images in a grid, each titled with a caption (default: its first reference) and, when given, its object
     boxes (``[{"box": [x0, y0, x1, y1], "color", "shape"}]``) drawn over it."""
     rows = -(-len(records) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.5)), squeeze=False)
+    titles = []
+    for i, rec in enumerate(records):
+        caption = captions[i] if captions is not None else (rec.references[0] if rec.references else rec.file_id)
+        titles.append("\n".join(line for part in caption.split("\n") for line in textwrap.wrap(part, 34)))
+    lines = max(t.count("\n") + 1 for t in titles)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.15 * lines + 0.2)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (rec, ax) in enumerate(zip(records, axes.flat)):
         ax.imshow(load_image(rec.image_path))
-        caption = captions[i] if captions is not None else (rec.references[0] if rec.references else rec.file_id)
-        ax.set_title("\n".join(textwrap.wrap(caption, 30)), fontsize=8)
+        ax.set_title(titles[i], fontsize=8)
         for obj in (boxes[i] if boxes is not None else []):
             x0, y0, x1, y1 = obj["box"]
             ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1, ec="black"))
