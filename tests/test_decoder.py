@@ -73,7 +73,9 @@ def test_round_trip_course_format(hf_model, tmp_path):
 def test_lora_at_init_leaves_logits_unchanged(hf_model, tmp_path):
     path = _save_course_file(hf_model, tmp_path / "d.bin")
     base = Decoder.from_checkpoint(path).eval()
-    lora = Decoder.from_checkpoint(path, lora=LoraConfig(r=4, targets=("c_attn", "c_fc", "mlp.c_proj"))).eval()
+    targets = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")
+    lora = Decoder.from_checkpoint(path, lora=LoraConfig(r=4, targets=targets)).eval()
+    assert lora.lm_head.weight is lora.transformer.wte.weight  # still tied with a LoRA lm_head
     assert any("lora_A" in n for n, _ in lora.named_parameters())
     idx = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
