@@ -146,8 +146,14 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, int(cfg.warmup_ratio * total)))
     history, start_epoch, best = [], 0, (-1.0, -1)
     last = out_dir / "last.pt"
-    if resume and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    # a checkpoint is resumed only by the run that wrote it: same model config, training config and data
+    run_key = json.dumps([asdict(model.cfg), asdict(cfg), [r.file_id for r in train_records],
+                          [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
+    state = torch.load(last, map_location="cpu", weights_only=False) if resume and last.is_file() else None
+    if state is not None and state.get("run_key") != run_key:
+        log(f"{last} belongs to a run with another configuration or data: starting over")
+        state = None
+    if state is not None:
         model.load_state_dict(state["trained"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -193,15 +199,15 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         if row["val_cider"] > best[0]:
             best = (row["val_cider"], epoch + 1)
             save_adapter(model, out_dir / "best", extra={"epoch": epoch + 1, "history": history})
-        _save_last(last, model, opt, sched, epoch, history, best)
+        _save_last(last, model, opt, sched, epoch, history, best, run_key)
         log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}, val CIDEr {row['val_cider']:.3f}"
             + (f", CLIPScore {row['val_clipscore']:.3f}" if "val_clipscore" in row else "") + f" ({row['seconds']}s)")
     best_path = out_dir / "best.safetensors"
     return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
 
 
-def _save_last(path: Path, model, opt, sched, epoch, history, best) -> None:
+def _save_last(path: Path, model, opt, sched, epoch, history, best, run_key: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"trained": trained_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": history, "best": list(best)}, tmp)
+                "epoch": epoch, "history": history, "best": list(best), "run_key": run_key}, tmp)
     tmp.replace(path)

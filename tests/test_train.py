@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,14 @@ def test_killed_and_resumed_equals_uninterrupted(world, models_dir, tmp_path):
     for k in reference:
         assert torch.equal(resumed[k], reference[k]), k
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "b").iterdir())
+
+    # a finished run is not resumed by a run with another configuration: it starts over
+    messages = []
+    model, enc, tr = _fresh(world, models_dir)
+    result = train(model, enc, tr, recs, val, replace(cfg, num_epochs=1, lr=1e-3), tmp_path / "b",
+                   log=messages.append, device="cpu")
+    assert [row["epoch"] for row in result.history] == [1]
+    assert any("starting over" in m for m in messages)
 
 
 def _fake_hw3_data(root, models_dir):

@@ -144,6 +144,8 @@ plt.show()
 AdamW on the trainable parameters, linear warm-up then cosine decay, gradient clipping, bf16 autocast on a GPU.
 Every epoch ends with validation captions, CIDEr and CLIPScore, an atomic checkpoint (`last.pt`, so a killed run
 resumes where it stopped) and the best adapter so far (`best.safetensors` + `best.json`: trained weights only).
+Re-running the notebook with the same configuration and data picks up the finished run instead of training again;
+any change of configuration starts over.
 """),
 ("code", """
 clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None)) if P.clip_model else None
@@ -173,7 +175,7 @@ for name, lora, norm in [(f"r={P.variant_lora_r} on {P.variant_lora_targets}",
     count_check(v_model, P.max_trainable)
     v_result = train(v_model, encoder_model, transform, train_records, val_records,
                      replace(train_cfg, num_epochs=P.variant_epochs), out / "p2" / f"variant{len(variants)}", gen,
-                     clip=clip, resume=False)
+                     clip=clip)
     variants.append(dict(name=name, lora=lora, visual_norm=norm, epochs=P.variant_epochs, result=v_result,
                          params=v_model.trainable_parameters()))
 variants[0]["params"] = n_trainable
