@@ -51,7 +51,8 @@ class TrainResult:
     seconds: float
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
@@ -143,7 +144,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     total = sum(map(len, plan))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, int(cfg.warmup_ratio * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, int(cfg.warmup_ratio * total)))
     history, start_epoch, best = [], 0, (-1.0, -1)
     last = out_dir / "last.pt"
     # a checkpoint is resumed only by the run that wrote it: same model config, training config and data

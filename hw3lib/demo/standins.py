@@ -27,15 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import load_annotations, load_image, write_json_atomic
+from ..train import warmup_cosine
 from .world import COLORS, SHAPES, load_masks, random_scenes
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "demo" / "models"
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _pixels(paths: list[Path], mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
@@ -103,7 +98,7 @@ def build_decoder(world: Path, out: Path, steps: int = 800, batch_size: int = 64
         return ids, targets, offs
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, steps // 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, steps // 20))
     t0, log = time.time(), []
     model.train()
     for step in range(steps):
@@ -217,7 +212,7 @@ def build_vit(world: Path, out: Path, epochs: int = 30, batch_size: int = 64, lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     n = len(data["train"][0])
     steps = epochs * (n // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, steps // 10))
     g = torch.Generator().manual_seed(seed)
     t0, step, log = time.time(), 0, []
     for epoch in range(epochs):
@@ -302,7 +297,7 @@ def build_clip(world: Path, out: Path, epochs: int = 10, batch_size: int = 128, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     n = len(ids)
     steps = epochs * (n // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, steps // 10))
     t0, log = time.time(), []
     for epoch in range(epochs):
         model.train()

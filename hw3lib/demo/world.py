@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data import write_json_atomic
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 160, 60),
@@ -233,12 +235,6 @@ def _obj_record(obj: Obj, labels: np.ndarray, k: int) -> dict:
     return {"color": obj.color, "shape": obj.shape, "size": obj.size, "box": box}
 
 
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
 def _write_split(image_dir: Path, ann_path: Path | None, sidecar_stem: Path, scenes: list[list[Obj]],
                  ids: list[int], rng: np.random.Generator, cfg: WorldConfig) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -255,8 +251,8 @@ def _write_split(image_dir: Path, ann_path: Path | None, sidecar_stem: Path, sce
         objects[stem] = {"objects": [_obj_record(o, labels, k) for k, o in enumerate(scene, 1)], "captions": caps}
         masks.append(labels)
     if ann_path is not None:
-        _write_json(ann_path, {"images": images, "annotations": annotations})
-    _write_json(Path(f"{sidecar_stem}_objects.json"),
+        write_json_atomic(ann_path, {"images": images, "annotations": annotations})
+    write_json_atomic(Path(f"{sidecar_stem}_objects.json"),
                 {"image_size": cfg.image_size, "colors": list(COLORS), "shapes": list(SHAPES), "images": objects})
     np.savez_compressed(f"{sidecar_stem}_masks.npz", labels=np.stack(masks),
                         names=np.array([_file_name(i)[:-4] for i in ids]))
@@ -283,7 +279,7 @@ def build_world(root: str | Path, cfg: WorldConfig = WorldConfig()) -> Path:
     _write_split(p1 / "images/val", p1 / "val.json", p1 / "val", scenes[b:c], ids[b:c], rng, cfg)
     p3 = root / "p3_data"
     _write_split(p3 / "images", None, p3 / "p3", scenes[c:], ids[c:], rng, cfg)
-    _write_json(root / "world.json", {"config": asdict(cfg), "fingerprint": cfg.fingerprint()})
+    write_json_atomic(root / "world.json", {"config": asdict(cfg), "fingerprint": cfg.fingerprint()})
     return root
 
 
