@@ -1,1 +1,7 @@
-"""hw3lib."""
+"""hw3lib: the helper package of the HW3 captioning workbook (NTU DLCV Fall 2024, homework 3).
+
+Modules, one concept each: ``data`` (caption sets, images), ``tokenizer`` (GPT-2 BPE), ``decoder`` (the course's
+GPT-2), ``captioner`` (ViT + projection + LoRA decoder), ``train`` (its training loop), ``metrics`` (CIDEr,
+CLIPScore), ``ptb`` (the PTB tokenizer without Java), ``viz`` (figures), ``workbook`` (papermill runner),
+``demo`` (the shapes world and its stand-in models), ``cli`` (the ``hw3`` command).
+"""
