@@ -5,14 +5,11 @@ from __future__ import annotations
 import textwrap
 from collections import Counter
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .data import Record, load_image  # noqa: E402
+from .data import Record, load_image
 
 
 def image_grid(records: list[Record], captions: list[str] | None = None, boxes: list[list[dict]] | None = None,

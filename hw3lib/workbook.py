@@ -7,6 +7,7 @@ notebook declares is an error (a typo would otherwise be silently ignored).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
 
         ensure_demo_data(log=log)
     out = ROOT / config.output_dir if not config.output_dir.is_absolute() else config.output_dir
+    # kernels inherit the environment: an MPLBACKEND such as Agg would keep every figure out of the notebooks
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     (out / "report").mkdir(parents=True, exist_ok=True)
     timings = {}
     for name in names:

@@ -25,4 +25,4 @@ if ! command -v java >/dev/null 2>&1; then
   echo "[setup] note: java not found; CIDEr will use hw3lib's Python port of the PTB tokenizer." \
        "Install a JRE (apt install default-jre, or conda's openjdk) to use pycocoevalcap's own." >&2
 fi
-export MPLBACKEND=Agg PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
