@@ -232,24 +232,25 @@ class Captioner(nn.Module):
         eot = self.tokenizer.eot_id
         out, V = self._prefill(features, output_attentions)
         B = len(features)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
+        steps: list[torch.Tensor] = []  # (B,) per step; each row is cut at its first <|endoftext|> in _finish
+        done = torch.zeros(B, dtype=torch.bool, device=features.device)
         atts = [self._visual_attention(out, V)] if output_attentions else []
         for _ in range(gen.max_new_tokens):
             logits = out.logits[:, -1].float()
-            for i, banned in enumerate(self._banned(tokens, gen.no_repeat_ngram_size)):
-                logits[i, banned] = float("-inf")
+            if gen.no_repeat_ngram_size > 0:
+                so_far = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
+                for i, banned in enumerate(self._banned(so_far, gen.no_repeat_ngram_size)):
+                    logits[i, banned] = float("-inf")
             nxt = logits.argmax(-1)
-            for i in range(B):
-                if not done[i]:
-                    tokens[i].append(int(nxt[i]))
-            done |= (nxt == eot).cpu()
+            steps.append(nxt)
+            done |= nxt == eot
             if bool(done.all()):
                 break
             out = self.decoder(nxt.view(-1, 1), past_key_values=out.past_key_values,
                                output_attentions=output_attentions)
             if output_attentions:
                 atts.append(self._visual_attention(out, V))
+        tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
         return self._finish(tokens, torch.stack(atts, 1) if atts else None)
 
     def _beam(self, features, gen, output_attentions) -> Generated:

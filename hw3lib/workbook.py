@@ -6,7 +6,6 @@ notebook declares is an error (a typo would otherwise be silently ignored).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -115,7 +114,3 @@ def _export_html(notebook: Path, html: Path) -> None:
     tmp.write_text(body, encoding="utf-8")
     tmp.replace(html)
 
-
-def describe(config: WorkbookConfig) -> str:
-    return json.dumps({"profile": config.profile, "notebooks": config.notebooks, "parameters": config.parameters},
-                      indent=1)

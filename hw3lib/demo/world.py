@@ -138,7 +138,7 @@ def _place(rng: np.random.Generator, n: int, size: int) -> list[Obj]:
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
-def _phrase(obj: Obj, rng: np.random.Generator, with_size: bool) -> str:
+def _phrase(obj: Obj, with_size: bool) -> str:
     words = [obj.size, obj.color, obj.shape] if with_size else [obj.color, obj.shape]
     return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
 
@@ -165,7 +165,7 @@ def captions_for(objects: list[Obj], size: int, rng: np.random.Generator, k: int
 
     def objs(with_size: bool, shuffle: bool = True) -> str:
         order = list(rng.permutation(n)) if shuffle else list(range(n))
-        return _join([_phrase(objects[i], rng, with_size) for i in order])
+        return _join([_phrase(objects[i], with_size) for i in order])
 
     left_to_right = sorted(objects, key=lambda o: o.center[0])
     styles = [
@@ -174,11 +174,11 @@ def captions_for(objects: list[Obj], size: int, rng: np.random.Generator, k: int
         lambda: f"an image of {objs(bool(rng.integers(2)))}",
         lambda: f"{objs(False)} on a plain background",
         lambda: f"a picture showing {objs(True)}",
-        lambda: (f"a single {_phrase(objects[0], rng, True)[2:]} {_where(objects[0], size)}" if n == 1
+        lambda: (f"a single {_phrase(objects[0], True)[2:]} {_where(objects[0], size)}" if n == 1
                  else f"{_NUMBERS[n]} shapes: {objs(False)}"),
-        lambda: (f"{_phrase(objects[0], rng, False)} {_where(objects[0], size)}" if n == 1 else
-                 f"{_phrase(left_to_right[0], rng, False)} to the left of {_phrase(left_to_right[-1], rng, False)}"
-                 + (f" and {_phrase(left_to_right[1], rng, False)}" if n == 3 else "")),
+        lambda: (f"{_phrase(objects[0], False)} {_where(objects[0], size)}" if n == 1 else
+                 f"{_phrase(left_to_right[0], False)} to the left of {_phrase(left_to_right[-1], False)}"
+                 + (f" and {_phrase(left_to_right[1], False)}" if n == 3 else "")),
         lambda: f"{objs(False)} drawn on a light background",
     ]
     out: list[str] = []
