@@ -3,6 +3,8 @@
   hw3 run [-f configs/demo.yaml] [--only NB ...]      the workbook: notebooks -> outputs/<profile>/
   hw3 demo-data [--rebuild]                           the shapes world; --rebuild retrains the stand-ins
   hw3 evaluate --pred P --annotation A --images DIR   the course's evaluate.py (CIDEr, CLIPScore)
+  hw3 llava-caption IMAGES OUT.json [--prompt ...]    P1: zero-shot LLaVA captions (the course's hw3_1.sh)
+  hw3 caption IMAGES OUT.json DECODER --adapter CKPT  P2: captions from a trained LoRA adapter (hw3_2.sh)
   hw3 download                                        fetch the real models into the usual caches
 """
 from __future__ import annotations
@@ -128,6 +130,30 @@ def _cmd_caption(args) -> int:
     return 0
 
 
+def _cmd_llava_caption(args) -> int:
+    from .data import DataError
+    from .llava import LlavaGeneration, caption_folder, load_llava
+
+    gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
+                          temperature=args.temperature or 1.0, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
+                          no_repeat_ngram_size=args.no_repeat_ngram_size,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        model, processor = load_llava(args.model, device=args.device, random_weights=args.random_weights,
+                                      processor_from=args.processor, load_in_4bit=args.load_in_4bit)
+        run = caption_folder(model, processor, args.images, args.out_json, instruction=args.prompt, generation=gen,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             first_sentence=args.first_sentence, model_name=str(args.model))
+    except (DataError, ValueError, RuntimeError) as e:
+        print(f"hw3 llava-caption: {e}", file=sys.stderr)
+        return 2
+    rate = run.computed / run.seconds if run.seconds else 0.0
+    print(f"{len(run.captions)} captions -> {args.out_json} ({run.computed} new in {run.seconds:.1f}s, "
+          f"{rate:.2f} images/s; {run.reused} from an interrupted run)")
+    return 0
+
+
 def _cmd_download(args) -> int:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         print("hw3 download: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set; unset it on a machine with network",
@@ -172,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-data", help="build the shapes world (and any missing stand-in)")
     d.add_argument("--rebuild", nargs="*", metavar="NAME", default=None,
-                   help="retrain these stand-ins (decoder, vit, clip); no name: regenerate the world, retrain all")
+                   help="retrain these stand-ins (decoder, vit, clip, llava); no name: rebuild the world and all")
     d.add_argument("--root", help="where to write the world (default: data/demo/hw3_data)")
     d.set_defaults(func=_cmd_demo_data)
 
@@ -225,6 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     _gen_args(c)
     c.set_defaults(func=_cmd_caption)
+
+    v = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
+    v.add_argument("images", help="folder of images")
+    v.add_argument("out_json", help="predictions JSON to write {file id: caption}")
+    v.add_argument("--model", default=REAL_MODELS["llava"],
+                   help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
+    v.add_argument("--processor", default=None, help="take the processor from here (default: --model)")
+    v.add_argument("--prompt", default="Describe this image in one sentence.", help="the instruction")
+    v.add_argument("--num-beams", type=int, default=1)
+    v.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (seeded by --seed)")
+    v.add_argument("--top-p", type=float, default=1.0)
+    v.add_argument("--max-new-tokens", type=int, default=30)
+    v.add_argument("--min-new-tokens", type=int, default=0)
+    v.add_argument("--length-penalty", type=float, default=1.0)
+    v.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    v.add_argument("--repetition-penalty", type=float, default=1.0)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding images")
+    v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
+    v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+    v.set_defaults(func=_cmd_llava_caption)
 
     w = sub.add_parser("download", help="fetch the real models of the hw3 profile (needs network)")
     w.set_defaults(func=_cmd_download)

@@ -121,3 +121,75 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def llava_data_flow(config, instruction: str = "Describe this image in one sentence.") -> Figure:
+    """LLaVA-1.5's data flow, with the sizes of ``config`` (a ``LlavaConfig``): image -> CLIP vision tower ->
+    patch features of layer ``vision_feature_layer`` -> MLP projector -> visual tokens spliced into the prompt at
+    the ``<image>`` placeholder -> language model -> caption."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    vc, tc = config.vision_config, config.text_config
+    grid = vc.image_size // vc.patch_size
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    ax.set(xlim=(0, 11), ylim=(0, 3.6))
+    ax.axis("off")
+
+    def box(x, y, w, h, text, color):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="0.3"))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5, wrap=True)
+
+    def arrow(x0, y0, x1, y1, label=""):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="0.25"))
+        if label:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, label, ha="center", fontsize=7.5, color="0.25")
+
+    box(0.1, 2.3, 1.4, 0.9, f"image\nresize + crop\n{vc.image_size} x {vc.image_size}", "#f3f3f3")
+    box(2.0, 2.3, 1.9, 0.9, f"CLIP vision tower\n{vc.num_hidden_layers} layers, width {vc.hidden_size}\n"
+        f"patch {vc.patch_size} (frozen)", "#dbe9f6")
+    box(4.4, 2.3, 1.7, 0.9, f"layer {config.vision_feature_layer} features\n{grid} x {grid} = {grid * grid} "
+        f"patches\n(CLS dropped)", "#dbe9f6")
+    box(6.6, 2.3, 1.7, 0.9, f"projector\nLinear-{config.projector_hidden_act.upper()}-Linear\n"
+        f"{vc.hidden_size} -> {tc.hidden_size}", "#fde8c8")
+    box(0.1, 0.5, 3.8, 0.9, f"prompt: USER: <image>\\n{instruction} ASSISTANT:", "#f3f3f3")
+    box(4.4, 0.5, 3.9, 0.9, f"token embeddings; the {grid * grid} <image> placeholders\nreplaced by the visual "
+        f"tokens (found by token id {config.image_token_id})", "#fde8c8")
+    box(8.8, 0.5, 2.0, 2.7, f"language model\n(Llama: {tc.num_hidden_layers} layers,\nwidth {tc.hidden_size}, "
+        f"vocab {tc.vocab_size:,})\n\n-> caption,\none token at a time", "#e1f0dc")
+    arrow(1.5, 2.75, 2.0, 2.75)
+    arrow(3.9, 2.75, 4.4, 2.75, "hidden states")
+    arrow(6.1, 2.75, 6.6, 2.75)
+    arrow(7.45, 2.3, 7.0, 1.4, "visual tokens")
+    arrow(3.9, 0.95, 4.4, 0.95, "tokenize")
+    arrow(8.3, 0.95, 8.8, 0.95)
+    ax.set_title("LLaVA-1.5: how an image becomes a caption", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_plot(rows: list[dict], x: str = "cider", y: str = "clipscore") -> Figure:
+    """Each sweep setting as a point (CIDEr vs. CLIPScore), coloured by instruction, marked by generation config;
+    beside it the mean caption length."""
+    instructions = list(dict.fromkeys(r["instruction_name"] for r in rows))
+    generations = list(dict.fromkeys(r["generation"] for r in rows))
+    markers = "osD^v<>p*h"
+    colors = plt.get_cmap("tab10")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1.4, 1]})
+    for r in rows:
+        a.scatter(r[x], r.get(y, np.nan), s=60, color=colors(instructions.index(r["instruction_name"])),
+                  marker=markers[generations.index(r["generation"]) % len(markers)])
+    for i, name in enumerate(instructions):
+        a.scatter([], [], color=colors(i), label=name)
+    for j, name in enumerate(generations):
+        a.scatter([], [], color="0.4", marker=markers[j % len(markers)], label=name)
+    a.set(xlabel=x.replace("cider", "CIDEr"), ylabel=y.replace("clipscore", "CLIPScore"),
+          title="each setting: instruction (colour) x generation (marker)")
+    a.legend(fontsize=7.5, loc="best")
+    labels = [r["name"] for r in rows]
+    b.barh(range(len(rows)), [r["mean_length"] for r in rows],
+           color=[colors(instructions.index(r["instruction_name"])) for r in rows])
+    b.set_yticks(range(len(rows)), labels, fontsize=7.5)
+    b.invert_yaxis()
+    b.set(xlabel="mean caption length (words)")
+    fig.tight_layout()
+    return fig

@@ -54,3 +54,22 @@ def test_captioner_notebooks_run_quickly(world, tmp_path):
     per_image = json.loads((tmp_path / "p2_val_per_image.json").read_text())
     assert len(predictions) == 300 and set(per_image) == set(predictions)
     assert (tmp_path / "p2/main/best.safetensors").is_file()
+
+
+def test_llava_notebook_runs(world, tmp_path):
+    """01 on a slice of p1: the sweep rows, the best setting, the predictions file, figures in the report."""
+    cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
+    cfg.output_dir = tmp_path
+    instructions = {"one sentence": "Describe this image in one sentence.", "detailed": "Describe the image in detail."}
+    cfg.parameters = {**cfg.parameters, "llava_num_images": 12, "llava_instructions": instructions,
+                      "llava_generations": {"greedy": {"max_new_tokens": 50}}, "llava_num_show": 1}
+    merged = wb.run(cfg, only=["01_llava_prompts"], log=lambda *_: None)
+    llava = merged["llava"]
+    assert [r["instruction_name"] for r in llava["sweep"]] == ["one sentence", "detailed"]
+    for row in llava["sweep"]:
+        assert {"instruction", "generation", "cider", "clipscore", "mean_length", "caption_accuracy"} <= set(row)
+    assert llava["best"]["instruction_name"] == "one sentence"
+    assert llava["sweep"][1]["mean_length"] > 2 * llava["sweep"][0]["mean_length"]
+    assert len(json.loads((tmp_path / "p1_predictions.json").read_text())) == 12
+    html = (tmp_path / "report/01_llava_prompts.html").read_text()
+    assert html.count("data:image/png;base64") >= 3

@@ -13,6 +13,7 @@ STANDINS = {  # stand-in -> the files that make it
     "decoder": ("decoder_model.bin", "encoder.json", "vocab.bpe"),
     "vit": ("config.json", "model.safetensors"),
     "clip": ("open_clip_config.json", "open_clip_model.safetensors"),
+    "llava": ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"),  # after clip: its tower
 }
 COURSE_FILES = ("decoder_model.bin", "encoder.json", "vocab.bpe")  # copied into p2_data/, as the course ships them
 

@@ -327,8 +327,11 @@ def build_clip(world: Path, out: Path, epochs: int = 10, batch_size: int = 128, 
     return info
 
 
-def build_all(world: Path, out: Path = DEFAULT_DIR, which: tuple[str, ...] = ("decoder", "vit", "clip")) -> dict:
-    builders = {"decoder": build_decoder, "vit": build_vit, "clip": build_clip}
+def build_all(world: Path, out: Path = DEFAULT_DIR,
+              which: tuple[str, ...] = ("decoder", "vit", "clip", "llava")) -> dict:
+    from .llava_standin import build_llava
+
+    builders = {"decoder": build_decoder, "vit": build_vit, "clip": build_clip, "llava": build_llava}
     report = {}
     for name in which:
         print(f"training the {name} stand-in ...", flush=True)

@@ -1,0 +1,473 @@
+"""Zero-shot captioning with LLaVA-1.5 (P1): load, prompt, caption a folder in batches, attention over the image.
+
+The same calls serve ``llava-hf/llava-1.5-7b-hf`` and the demo's stand-in (``data/demo/models/llava``): both are a
+``LlavaForConditionalGeneration`` and an ``AutoProcessor`` saved with ``save_pretrained``.
+
+* Captioning is batched (left padding, images decoded by DataLoader workers) and resumable: every finished caption
+  is appended to ``OUT.partial.jsonl``; a restarted run skips those images; the final JSON is written atomically.
+* Attention of each generated token over the image is read from one teacher-forced pass with eager attention in
+  the language model. The image positions are found from the image token id in ``input_ids`` -- never from fixed
+  offsets, which move with the processor version, the prompt and the padding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataError, ImageDataset, Record, list_images, load_image, write_json_atomic
+
+REAL_MODEL_ID = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_INSTRUCTION = "Describe this image in one sentence."
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class LlavaGeneration:
+    """A generation config for ``model.generate``: greedy (default), beam search, or seeded sampling."""
+
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0  # sampling only
+    cache: str = "dynamic"  # KV cache: "dynamic" (grows by concatenation), "static" (preallocated), "static+compile"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaGeneration":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) {sorted(unknown)}; "
+                             f"known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    def generate_kwargs(self) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, num_beams=self.num_beams,
+                  do_sample=self.do_sample, length_penalty=self.length_penalty,
+                  repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:  # keep generation_config.json's sampling defaults from leaking into greedy / beam search
+            kw.update(temperature=None, top_p=None, top_k=None)
+        if self.num_beams > 1:
+            kw["early_stopping"] = True
+        if self.cache not in ("dynamic", "static", "static+compile"):
+            raise ValueError(f"cache must be 'dynamic', 'static' or 'static+compile', got {self.cache!r}")
+        if self.cache != "dynamic":  # a preallocated cache: no copy of the whole cache per step; compile is opt-in
+            kw.update(cache_implementation="static", disable_compile=self.cache == "static")
+        return kw
+
+    @property
+    def label(self) -> str:
+        if self.do_sample:
+            name = f"sample T={self.temperature:g}" + (f" p={self.top_p:g}" if self.top_p < 1 else "")
+        else:
+            name = "greedy" if self.num_beams == 1 else f"beam {self.num_beams}"
+        extras = [f"{k}={v}" for k, v in (("len_pen", self.length_penalty), ("no_repeat", self.no_repeat_ngram_size),
+                                          ("rep_pen", self.repetition_penalty)) if v not in (1.0, 0)]
+        extras += [self.cache] if self.cache != "dynamic" else []
+        return " ".join([name, *extras])
+
+
+def postprocess(text: str, first_sentence: bool = False) -> str:
+    """Strip whitespace; optionally keep only the first sentence (up to and including its full stop)."""
+    text = " ".join(text.split())
+    if first_sentence:
+        for i, ch in enumerate(text):
+            if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " "):
+                return text[: i + 1]
+    return text
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def llava_15_7b_config(image_token_id: int = 32000, vocab_size: int = 32064):
+    """The architecture of llava-1.5-7b (CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B), written out so
+    ``random_weights`` works without the hub."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
+                       image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", pad_token_id=32001)
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or name.startswith(".") or Path(name).exists() or name.count("/") != 1
+
+
+def _check_model_dir(name: str) -> None:
+    path = Path(name)
+    if not path.exists():
+        raise DataError(f"{name}: model folder not found (give a local folder saved with save_pretrained, "
+                        f"or a hub id such as {REAL_MODEL_ID})")
+    if not (path / "config.json").is_file():
+        raise DataError(f"{name}: not a saved model (no config.json in this folder)")
+
+
+def _from_pretrained(cls, name: str, **kw):
+    """Local folder or Hugging Face cache first; the hub only if that fails. Errors say which and what to do."""
+    if _looks_like_path(name):
+        _check_model_dir(name)
+        return cls.from_pretrained(name, **kw)
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kw)
+    except OSError:
+        try:
+            return cls.from_pretrained(name, **kw)
+        except OSError as e:
+            raise DataError(f"{name}: not in the Hugging Face cache and the hub could not be reached ({e}). "
+                            "Run `hw3 download` on a machine with network, or pass --model with a local folder."
+                            ) from None
+
+
+def _resize_processor(processor, image_size: int, patch_size: int):
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": image_size}
+    ip.crop_size = {"height": image_size, "width": image_size}
+    processor.patch_size = patch_size
+    return processor
+
+
+def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dtype: torch.dtype | None = None,
+               random_weights: bool = False, processor_from: str | Path | None = None, load_in_4bit: bool = False,
+               attn_implementation: str = "sdpa"):
+    """``(model, processor)`` ready for :func:`caption_records`.
+
+    Args:
+        model: a local folder or a hub id (the cache is tried first, so a downloaded model works offline).
+        device: ``cuda`` when available, else ``cpu``. dtype: bf16 on CUDA, fp32 on the CPU.
+        random_weights: build the architecture of ``model`` (its config.json, or the built-in llava-1.5-7b one)
+            with random weights -- for benchmarks and dry runs without the 14 GB download.
+        processor_from: where the processor comes from (default: ``model``). With ``random_weights`` its image
+            size and patch size are set to the model's, so a stand-in's tokenizer can drive the 7B architecture.
+        load_in_4bit: quantise the language model with bitsandbytes (GPU only).
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    name = str(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    processor = _from_pretrained(AutoProcessor, str(processor_from or name))
+    processor.tokenizer.padding_side = "left"
+    if random_weights:
+        if name == REAL_MODEL_ID and processor_from is not None:
+            config = llava_15_7b_config()
+        else:
+            config = _from_pretrained(AutoConfig, name)
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        if len(processor.tokenizer) > config.text_config.vocab_size:
+            raise ValueError(f"the tokenizer of {processor_from or name} has {len(processor.tokenizer)} tokens, more "
+                             f"than the model's vocabulary ({config.text_config.vocab_size})")
+        config.image_token_id = image_token_id
+        config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+        vc = config.vision_config
+        _resize_processor(processor, vc.image_size, vc.patch_size)
+        config._attn_implementation = attn_implementation
+        with torch.device(device):
+            net = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    else:
+        kw: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+        if load_in_4bit:
+            try:
+                from transformers import BitsAndBytesConfig
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+            kw["device_map"] = {"": device}
+        net = _from_pretrained(LlavaForConditionalGeneration, name, **kw)
+        if not load_in_4bit:
+            net.to(device)
+    net.eval()
+    return net, processor
+
+
+def build_prompt(processor, instruction: str) -> str:
+    """The llava-1.5 conversation for one image and one instruction, through the processor's chat template
+    (``USER: <image>\\n{instruction} ASSISTANT:``)."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: {processor.image_token}\n{instruction} ASSISTANT:"
+
+
+# --------------------------------------------------------------------------------------------------- captioning
+class _Collate:
+    """Runs in the DataLoader workers: image preprocessing + tokenisation of one batch."""
+
+    def __init__(self, processor, prompt: str):
+        self.processor, self.prompt = processor, prompt
+
+    def __call__(self, batch):
+        images, index = zip(*batch)
+        enc = self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
+                             return_tensors="pt")
+        return dict(enc), list(index)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def caption_records(model, processor, records: list[Record], instruction: str = DEFAULT_INSTRUCTION,
+                    generation: LlavaGeneration = LlavaGeneration(), batch_size: int = 16, num_workers: int = 0,
+                    first_sentence: bool = False, progress: bool = True, on_batch=None) -> dict[str, str]:
+    """Caption ``records`` in batches; returns ``{file id: caption}``. ``on_batch(dict)`` gets each batch's
+    captions as soon as they exist (the resumable writer uses it)."""
+    from tqdm.auto import tqdm
+
+    if not records:
+        return {}
+    device = _device_of(model)
+    dtype = next(model.parameters()).dtype
+    prompt = build_prompt(processor, instruction)
+    loader = torch.utils.data.DataLoader(ImageDataset(records), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_Collate(processor, prompt),
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    tok = processor.tokenizer
+    if generation.do_sample:
+        torch.manual_seed(generation.seed)
+    out: dict[str, str] = {}
+    bar = tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress)
+    for enc, index in loader:
+        enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+        ids = model.generate(**enc, **generation.generate_kwargs(), pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
+        out.update(batch)
+        if on_batch is not None:
+            on_batch(batch)
+        bar.update(len(index))
+    bar.close()
+    return out
+
+
+@dataclass
+class CaptionRun:
+    captions: dict[str, str]
+    reused: int  # captions found in the partial file of an earlier, interrupted run
+    computed: int  # captions generated by this run
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def _read_partial(path: Path, settings: dict) -> dict[str, str]:
+    """Captions of an interrupted run with the same settings; a torn last line is dropped."""
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    if not raw.endswith(b"\n"):  # killed in the middle of a line: keep the complete lines only
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    lines = raw.decode("utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if header != {"settings": settings}:
+        warnings.warn(f"{path}: left by a run with other settings; starting over", stacklevel=3)
+        path.unlink()
+        return {}
+    done = {}
+    for n, line in enumerate(lines[1:], 2):
+        try:
+            row = json.loads(line)
+            done[row["file_id"]] = row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}, line {n}: not a caption record; delete the file to start over") from None
+    return done
+
+
+def caption_folder(model, processor, images: str | Path | list[Record], out_json: str | Path,
+                   instruction: str = DEFAULT_INSTRUCTION, generation: LlavaGeneration = LlavaGeneration(),
+                   batch_size: int = 16, num_workers: int = 0, first_sentence: bool = False, progress: bool = True,
+                   model_name: str = "", on_batch=None) -> CaptionRun:
+    """Caption every image of a folder (or a record list) into ``out_json`` = ``{file id: caption}``.
+
+    Resumable: each batch is appended to ``out_json.partial.jsonl`` as it finishes; a restart with the same
+    settings skips those images. The JSON is written atomically at the end and the partial file removed.
+    """
+    t0 = time.time()
+    records = list_images(images) if isinstance(images, (str, Path)) else list(images)
+    out_json = Path(out_json)
+    partial = out_json.with_name(out_json.name + ".partial.jsonl")
+    settings = {"model": model_name, "instruction": instruction, "generation": asdict(generation),
+                "first_sentence": first_sentence}
+    done = _read_partial(partial, settings)
+    done = {k: v for k, v in done.items() if k in {r.file_id for r in records}}
+    todo = [r for r in records if r.file_id not in done]
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"settings": settings}) + "\n")
+            f.flush()
+
+        def write(batch: dict[str, str]) -> None:
+            f.write("".join(json.dumps({"file_id": k, "caption": v}) + "\n" for k, v in batch.items()))
+            f.flush()
+            os.fsync(f.fileno())
+            if on_batch is not None:
+                on_batch(batch)
+
+        new = caption_records(model, processor, todo, instruction, generation, batch_size, num_workers,
+                              first_sentence, progress, on_batch=write)
+    captions = {r.file_id: done[r.file_id] if r.file_id in done else new[r.file_id] for r in records}
+    write_json_atomic(out_json, captions)
+    partial.unlink()
+    return CaptionRun(captions, reused=len(done), computed=len(new), seconds=time.time() - t0, settings=settings)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+def image_token_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
+    """``(start, stop)`` of the image placeholder positions in one row of ``input_ids``; checks they are one run."""
+    pos = (torch.as_tensor(input_ids) == image_token_id).nonzero().flatten()
+    if len(pos) == 0:
+        raise ValueError("no image token in input_ids")
+    start, stop = int(pos[0]), int(pos[-1]) + 1
+    if stop - start != len(pos):
+        raise ValueError(f"the image tokens are not contiguous ({len(pos)} tokens spread over {start}..{stop})")
+    return start, stop
+
+
+def image_grid(model) -> tuple[int, int]:
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size, vc.image_size // vc.patch_size
+
+
+@dataclass
+class LlavaAttention:
+    """Attention of each generated token over the image positions, from the step that produced the token.
+
+    ``maps[t, l, h]`` is a (rows, cols) grid: token ``t``'s query (the position that predicted it) in layer
+    ``layers[l]``, head ``h``; row-major over the patches as the vision tower saw them (after resize + crop)."""
+
+    caption: str
+    token_ids: list[int]
+    tokens: list[str]  # one string per generated token (sub-words, with their leading space)
+    maps: np.ndarray  # (T, len(layers), heads, rows, cols) float32
+    layers: list[int]
+    span: tuple[int, int]  # image positions in the prompt
+    prompt_length: int
+
+
+@torch.inference_mode()
+def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTION,
+                   generation: LlavaGeneration = LlavaGeneration(), generated_ids: list[int] | None = None,
+                   layers: list[int] | None = None) -> LlavaAttention:
+    """Caption one image (or take ``generated_ids``) and read each generated token's attention over the image.
+
+    One teacher-forced pass over prompt + caption with eager attention in the language model; with causal
+    attention it equals the attentions ``generate`` records step by step (the tests compare them)."""
+    device, dtype = _device_of(model), next(model.parameters()).dtype
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    enc = processor(images=[image], text=[build_prompt(processor, instruction)], return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    tok = processor.tokenizer
+    prompt_len = enc["input_ids"].shape[1]
+    if generated_ids is None:
+        out = model.generate(**enc, **generation.generate_kwargs(), pad_token_id=tok.pad_token_id)
+        generated_ids = out[0, prompt_len:].tolist()
+    generated_ids = [t for t in generated_ids if t != tok.pad_token_id]
+    if generated_ids and generated_ids[-1] == tok.eos_token_id:
+        generated_ids = generated_ids[:-1]
+    span = image_token_span(enc["input_ids"][0], model.config.image_token_id)
+    rows, cols = image_grid(model)
+    n_layers = model.config.text_config.num_hidden_layers
+    layers = list(range(n_layers)) if layers is None else [range(n_layers)[i] for i in layers]
+    T = len(generated_ids)
+    if T == 0:
+        heads = model.config.text_config.num_attention_heads
+        return LlavaAttention("", [], [], np.zeros((0, len(layers), heads, rows, cols), np.float32), layers, span,
+                              prompt_len)
+    full = torch.cat([enc["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
+    previous = {k: getattr(model.config, k)._attn_implementation for k in ("text_config", "vision_config")}
+    model.set_attn_implementation("eager")  # attention weights exist only in the eager implementation
+    try:
+        out = model(input_ids=full, pixel_values=enc["pixel_values"], attention_mask=torch.ones_like(full),
+                    output_attentions=True, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+    att = out.attentions  # per layer (1, heads, L, L)
+    n_image = span[1] - span[0]
+    first = n_image - rows * cols  # 1 when the CLS token was kept ("full" strategy)
+    if first not in (0, 1):
+        raise ValueError(f"{n_image} image tokens do not fit a {rows} x {cols} grid")
+    q = slice(prompt_len - 1, prompt_len - 1 + T)
+    maps = torch.stack([att[layer][0, :, q, span[0] + first : span[1]] for layer in layers])  # (L, H, T, n)
+    maps = maps.permute(2, 0, 1, 3).float().reshape(T, len(layers), -1, rows, cols).cpu().numpy()
+    tokens = [tok.decode([t]) for t in generated_ids]
+    return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens, maps,
+                          layers, span, prompt_len)
+
+
+# --------------------------------------------------------------------------------------------------- sweep
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
+
+
+def sweep(model, processor, records: list[Record], instructions: dict[str, str],
+          generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
+          scorer=None, objects: dict[str, list[dict]] | None = None, batch_size: int = 16, num_workers: int = 0,
+          first_sentence: bool = False, model_name: str = "", progress: bool = True) -> list[dict]:
+    """Caption ``records`` once per (instruction, generation) pair and score each setting.
+
+    Each setting leaves ``out_dir/<instruction>__<generation>.json`` (the course's predictions format) and a row
+    file beside it; a re-run with the same settings reuses both. Rows: ``instruction``, ``generation``, ``cider``,
+    ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is given), ``mean_length`` (words),
+    ``caption_accuracy`` (when the world's ``objects`` are given), ``seconds``, ``images_per_s``, ``predictions``.
+    """
+    from .demo.world import caption_accuracy
+    from .metrics import cider, clip_score
+
+    out_dir = Path(out_dir)
+    image_dir = records[0].image_path.parent if records else out_dir
+    rows = []
+    for iname, instruction in instructions.items():
+        for gname, gen in generations.items():
+            stem = out_dir / f"{_slug(iname)}__{_slug(gname)}"
+            pred_path, row_path = stem.with_suffix(".json"), stem.with_suffix(".row.json")
+            settings = {"model": model_name, "instruction": instruction, "generation": asdict(gen),
+                        "first_sentence": first_sentence, "images": [r.file_id for r in records]}
+            if row_path.is_file() and pred_path.is_file():
+                row = json.loads(row_path.read_text())
+                if row.get("settings") == settings:
+                    rows.append(row)
+                    continue
+            run = caption_folder(model, processor, records, pred_path, instruction, gen, batch_size, num_workers,
+                                 first_sentence, progress, model_name)
+            pred = run.captions
+            row = {"name": f"{iname} / {gname}", "instruction_name": iname, "instruction": instruction,
+                   "generation": gname, "generation_config": asdict(gen),
+                   "cider": cider(pred, {k: references[k] for k in pred})[0],
+                   "mean_length": float(np.mean([len(c.split()) for c in pred.values()])),
+                   "seconds": round(run.seconds, 2),
+                   "images_per_s": round(run.computed / run.seconds, 2) if run.computed else None,
+                   "predictions": str(pred_path)}
+            if scorer is not None:
+                row["clipscore"] = clip_score(scorer, pred, image_dir)[0]
+            if objects is not None:
+                row["caption_accuracy"] = caption_accuracy(pred, objects)[0]
+            row["settings"] = settings
+            write_json_atomic(row_path, row)
+            rows.append(row)
+    return rows

@@ -1,0 +1,197 @@
+"""hw3lib.llava on the committed LLaVA stand-in (a real LlavaForConditionalGeneration + processor)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hw3lib.data import DataError, list_images, load_image
+from hw3lib.llava import (LlavaGeneration, attention_maps, build_prompt, caption_folder, caption_records,
+                          image_token_span, load_llava, postprocess)
+
+
+@pytest.fixture(scope="module")
+def llava(models_dir):
+    return load_llava(models_dir / "llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def p1_records(world):
+    return list_images(world / "p1_data" / "images" / "val")
+
+
+def test_prompt_is_the_llava_conversation(llava):
+    _, processor = llava
+    assert build_prompt(processor, "Describe it.") == "USER: <image>\nDescribe it. ASSISTANT:"
+
+
+def test_postprocess():
+    assert postprocess("  a red  circle.\n It is big. ") == "a red circle. It is big."
+    assert postprocess("a red circle. It is big.", first_sentence=True) == "a red circle."
+    assert postprocess("3.5 red circles", first_sentence=True) == "3.5 red circles"
+    assert postprocess("no full stop", first_sentence=True) == "no full stop"
+
+
+def test_generation_kwargs_and_labels():
+    assert LlavaGeneration().label == "greedy"
+    assert LlavaGeneration(num_beams=3).label == "beam 3"
+    assert LlavaGeneration(do_sample=True, temperature=0.7).label == "sample T=0.7"
+    kw = LlavaGeneration(num_beams=3, max_new_tokens=12).generate_kwargs()
+    assert kw["num_beams"] == 3 and kw["max_new_tokens"] == 12 and kw["temperature"] is None
+    with pytest.raises(ValueError, match="beams"):
+        LlavaGeneration.from_dict({"beams": 3})
+
+
+def test_image_span_equals_what_the_processor_produced(llava, p1_records):
+    """Left padding shifts the span; the span is read from the ids, and its length is the 8 x 8 grid."""
+    model, processor = llava
+    from PIL import Image
+
+    image = Image.open(p1_records[0].image_path)
+    prompts = [build_prompt(processor, "Hi."), build_prompt(processor, "Describe this image in great detail.")]
+    enc = processor(images=[image, image], text=prompts, padding=True, return_tensors="pt")
+    tok = processor.tokenizer
+    head = len(tok("USER: ")["input_ids"])  # <s> + "USER: " come before the image
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    for row, mask in zip(enc["input_ids"], enc["attention_mask"]):
+        pads = int((mask == 0).sum())
+        start, stop = image_token_span(row, model.config.image_token_id)
+        assert (start, stop) == (pads + head, pads + head + grid * grid)
+    assert int((enc["attention_mask"][0] == 0).sum()) > 0  # the short prompt really was padded on the left
+    with pytest.raises(ValueError, match="contiguous"):
+        image_token_span(torch.tensor([5, 9, 9, 5, 9]), 9)
+
+
+def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
+    model, processor = llava
+    recs = p1_records[:8]
+    gen = LlavaGeneration(max_new_tokens=20)
+    batched = caption_records(model, processor, recs, generation=gen, batch_size=4, progress=False)
+    single = caption_records(model, processor, recs, generation=gen, batch_size=1, progress=False)
+    assert batched == single
+    assert all(len(c.split()) >= 2 for c in batched.values())
+
+
+def test_killed_run_resumes_without_losing_or_redoing_captions(llava, p1_records, tmp_path):
+    model, processor = llava
+    recs = p1_records[:10]
+    gen = LlavaGeneration(max_new_tokens=12)
+    full = caption_folder(model, processor, recs, tmp_path / "full.json", generation=gen, batch_size=3,
+                          progress=False)
+    out = tmp_path / "pred.json"
+    seen = []
+
+    def killer(batch):
+        seen.append(len(batch))
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # killed after the second batch was written
+
+    with pytest.raises(KeyboardInterrupt):
+        caption_folder(model, processor, recs, out, generation=gen, batch_size=3, progress=False, on_batch=killer)
+    partial = out.with_name("pred.json.partial.jsonl")
+    assert partial.is_file() and not out.exists()
+    with open(partial, "a") as f:  # and a torn line, as if killed in the middle of a write
+        f.write('{"file_id": "0000')
+    computed = []
+    run = caption_folder(model, processor, recs, out, generation=gen, batch_size=3, progress=False,
+                         on_batch=lambda b: computed.extend(b))
+    assert run.reused == 6 and run.computed == 4 and len(computed) == 4
+    assert not set(computed) & set(list(run.captions)[:6])  # nothing redone
+    assert json.loads(out.read_text()) == full.captions  # nothing lost, same captions
+    assert not partial.exists()
+    # other settings never reuse a partial file
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        caption_folder(model, processor, recs, out, generation=gen, batch_size=3, progress=False, on_batch=killer)
+    with pytest.warns(UserWarning, match="other settings"):
+        run = caption_folder(model, processor, recs, out, instruction="Describe the image in detail.",
+                             generation=gen, batch_size=5, progress=False)
+    assert run.reused == 0 and run.computed == 10
+
+
+def test_attention_equals_the_attentions_generate_records(llava, p1_records):
+    """The teacher-forced pass gives, for every generated token, the attention generate() saw at that step."""
+    model, processor = llava
+    gen = LlavaGeneration(max_new_tokens=10)
+    att = attention_maps(model, processor, p1_records[3].image_path, generation=gen)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    T = len(att.token_ids)
+    L, H = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    assert att.maps.shape == (T, L, H, grid, grid) and T >= 2
+    assert "".join(att.tokens).strip() == att.caption
+    from PIL import Image
+
+    enc = processor(images=[Image.open(p1_records[3].image_path)],
+                    text=[build_prompt(processor, "Describe this image in one sentence.")], return_tensors="pt")
+    model.set_attn_implementation("eager")
+    try:
+        out = model.generate(**enc, **gen.generate_kwargs(), output_attentions=True, return_dict_in_generate=True,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    finally:
+        model.set_attn_implementation("sdpa")
+    s, e = att.span
+    for t in range(T):
+        for layer in range(L):
+            ref = out.attentions[t][layer][0, :, -1, s:e].reshape(H, grid, grid)
+            np.testing.assert_allclose(att.maps[t, layer], ref.float().numpy(), atol=1e-5)
+    assert np.all(att.maps.sum(axis=(-1, -2)) <= 1 + 1e-5)
+
+
+def test_clear_errors(tmp_path, llava):
+    with pytest.raises(DataError, match="model folder not found"):
+        load_llava(tmp_path / "no_such_model")
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(DataError, match="no config.json"):
+        load_llava(tmp_path / "empty_model")
+    model, processor = llava
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        caption_folder(model, processor, tmp_path / "imgs", tmp_path / "p.json", progress=False)
+    (tmp_path / "imgs" / "broken.jpg").write_text("not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        caption_folder(model, processor, tmp_path / "imgs", tmp_path / "p.json", progress=False)
+
+
+def test_cli_llava_caption(models_dir, p1_records, tmp_path, capsys):
+    from hw3lib.cli import main
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    for r in p1_records[:3]:
+        (img / r.image_path.name).write_bytes(r.image_path.read_bytes())
+    out = tmp_path / "pred.json"
+    rc = main(["llava-caption", str(img), str(out), "--model", str(models_dir / "llava"), "--num-workers", "0",
+               "--num-beams", "2", "--device", "cpu"])
+    assert rc == 0
+    pred = json.loads(out.read_text())
+    assert set(pred) == {r.file_id for r in p1_records[:3]} and all(pred.values())
+    rc = main(["llava-caption", str(img), str(out), "--model", str(tmp_path / "nope")])
+    assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_standin_captions_name_the_objects(llava, world):
+    """The stand-in really learned: its one-sentence captions name exactly the objects of most p1 images."""
+    from hw3lib.demo.world import caption_accuracy, load_objects
+
+    model, processor = llava
+    recs = list_images(world / "p1_data" / "images" / "val")[:40]
+    pred = caption_records(model, processor, recs, batch_size=20, progress=False)
+    acc, _ = caption_accuracy(pred, load_objects(world / "p1_data" / "val_objects.json"))
+    assert acc >= 0.6, pred
+
+
+def test_standin_vision_tower_is_the_demo_vit(models_dir, p1_records):
+    """The stand-in's vision tower is the timm ViT converted to transformers: same features, same preprocessing."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    from hw3lib.demo.llava_standin import vision_tower_from_timm
+
+    hf, image_processor = vision_tower_from_timm(models_dir / "vit")
+    ref = timm.create_model(f"local-dir:{models_dir / 'vit'}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=ref), is_training=False)
+    images = [load_image(r.image_path) for r in p1_records[:4]]
+    px = image_processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(px, torch.stack([transform(i) for i in images]), atol=2e-2, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(px).last_hidden_state, ref.forward_features(px), atol=1e-4, rtol=1e-4)

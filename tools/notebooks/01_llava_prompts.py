@@ -1,0 +1,176 @@
+NAME = "01_llava_prompts.ipynb"
+CELLS = [
+("md", """
+# 01 · Zero-shot captioning with LLaVA-1.5 (P1)
+
+**LLaVA** (*Visual Instruction Tuning*, Liu et al. 2023; v1.5: *Improved Baselines with Visual Instruction
+Tuning*) turns a chat language model into an image chat model with three parts:
+
+| part | LLaVA-1.5-7B | role |
+|---|---|---|
+| vision encoder | CLIP ViT-L/14 at 336 px (OpenAI), **frozen** | 24 × 24 = 576 patch features, taken from the *second-to-last* layer, CLS dropped |
+| projector | 2-layer MLP with GELU (v1.0: one linear layer) | maps each 1024-d patch feature to a 4096-d *visual token* |
+| language model | Vicuna-7B (a LLaMA fine-tuned on ShareGPT chats) | reads `USER: <image>\\n{instruction} ASSISTANT:` with the 576 visual tokens in place of `<image>`, writes the answer |
+
+It is trained in **two stages**:
+1. **Feature alignment** — only the projector learns, on 558 K image–caption pairs (LAION/CC/SBU), with a brief
+   "describe the image" instruction: the visual tokens learn to live in the language model's embedding space.
+2. **Visual instruction tuning** — projector **and** language model learn on instruction-following data: 158 K
+   conversations, detailed descriptions and reasoning questions that a *text-only* GPT-4 wrote from each COCO
+   image's captions and object boxes (**GPT-assisted instruction data**), plus academic VQA sets in v1.5 (665 K).
+
+Zero-shot captioning is therefore a matter of *asking well*: the instruction selects which of the learned answer
+styles comes out, and the generation config (greedy, beam search, sampling, length limits) shapes it. This notebook
+sweeps both on the P1 validation images and scores every setting with CIDEr and CLIPScore.
+
+On the **demo profile** the model is a stand-in built the same way (`hw3lib/demo/llava_standin.py`): the stand-in
+CLIP's image tower converted into a transformers `CLIPVisionModel`, a small Llama pre-trained on the world's text,
+then stage 1 (projector only, captions) and stage 2 (projector + LM, five instruction styles: one-sentence caption,
+short phrase, detailed description, a colours question, a count question). It loads with the same
+`LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` calls as the real model.
+"""),
+("parameters", """
+data_root = "data/demo/hw3_data"  # hw3_data root (p1_data/ inside)
+llava_model = "llava-hf/llava-1.5-7b-hf"  # hub id or local folder (demo: data/demo/models/llava)
+llava_instructions = {"one sentence": "Describe this image in one sentence.", "short caption": "Write a short caption for this image.", "few words": "Describe the image in a few words.", "detailed": "Describe the image in detail.", "question": "What is in this picture?"}  # name -> instruction
+llava_generations = {"greedy": {"max_new_tokens": 60}, "beam 3": {"num_beams": 3, "max_new_tokens": 60}}  # name -> LlavaGeneration fields
+llava_first_sentence = False  # keep only the first sentence of each answer
+llava_num_images = 0  # caption only the first N p1 images (0: all)
+llava_batch_size = 16  # images per generate() call
+llava_num_workers = 2  # DataLoader workers decoding images
+llava_load_in_4bit = False  # 4-bit language model (needs bitsandbytes and a GPU)
+clip_model = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
+clip_pretrained = ""  # "openai" for the real CLIP; "" for a folder
+llava_num_show = 4  # images whose captions are shown for every setting
+output_dir = "outputs/demo"  # set by `hw3 run`
+"""),
+("code", """
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+from hw3lib import viz
+from hw3lib.data import load_image, load_split
+from hw3lib.llava import LlavaGeneration, build_prompt, image_token_span, load_llava, sweep
+from hw3lib.metrics import ClipConfig, ClipScorer
+from hw3lib.params import typed
+from hw3lib.report import save_metrics
+
+P = typed(dict(data_root=str, llava_model=str, llava_instructions=dict, llava_generations=dict,
+               llava_first_sentence=bool, llava_num_images=int, llava_batch_size=int, llava_num_workers=int,
+               llava_load_in_4bit=bool, clip_model=str, clip_pretrained=str, llava_num_show=int, output_dir=str),
+          globals())
+root, out = Path(P.data_root), Path(P.output_dir)
+(out / "figures").mkdir(parents=True, exist_ok=True)
+generations = {name: LlavaGeneration.from_dict(g) for name, g in P.llava_generations.items()}
+records = load_split(root / "p1_data/val.json", root / "p1_data/images/val")
+records = records[: P.llava_num_images] if P.llava_num_images else records
+references = {r.file_id: list(r.references) for r in records}
+print(f"{len(records)} p1 val images, {len(P.llava_instructions)} instructions x {len(generations)} generation "
+      f"configs = {len(P.llava_instructions) * len(generations)} settings")
+"""),
+("md", """
+## The model
+"""),
+("code", """
+model, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
+cfg = model.config
+parts = {"vision tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
+         "language model": model.model.language_model, "lm head": model.lm_head}
+display(Markdown(viz.markdown_table([{"part": k, "parameters": sum(p.numel() for p in m.parameters())}
+                                     for k, m in parts.items()])))
+fig = viz.llava_data_flow(cfg, next(iter(P.llava_instructions.values())))
+fig.savefig(out / "figures/01_llava_data_flow.png", dpi=110)
+plt.show()
+"""),
+("md", """
+## The prompt, and where the image sits in it
+
+The processor's chat template writes the conversation; the processor then expands the single `<image>`
+placeholder into one token per visual token. Where those tokens are is read from `input_ids` (the image token id),
+never assumed: it moves with the instruction, the padding of a batch and the processor version.
+"""),
+("code", """
+prompt = build_prompt(processor, next(iter(P.llava_instructions.values())))
+enc = processor(images=[load_image(records[0].image_path)], text=[prompt], return_tensors="pt")
+start, stop = image_token_span(enc["input_ids"][0], cfg.image_token_id)
+ids = enc["input_ids"][0].tolist()
+tok = processor.tokenizer
+print(repr(prompt))
+print(f"{len(ids)} tokens; image tokens at [{start}, {stop}) = {stop - start} positions; "
+      f"pixel_values {tuple(enc['pixel_values'].shape)}")
+print("before:", tok.convert_ids_to_tokens(ids[:start]))
+print("after: ", tok.convert_ids_to_tokens(ids[stop:]))
+"""),
+("md", """
+## The sweep: instructions × generation configs
+
+Every setting captions the same images in batches (left padding; `hw3 llava-caption` is the same code) and is
+scored with CIDEr and CLIPScore; on the demo profile also with **caption accuracy** (the caption names exactly the
+scene's (colour, shape) objects). Finished settings are reused when the notebook runs again with the same values.
+"""),
+("code", """
+scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+sidecar = root / "p1_data/val_objects.json"
+objects = None
+if sidecar.is_file():
+    from hw3lib.demo.world import load_objects
+
+    objects = load_objects(sidecar)
+rows = sweep(model, processor, records, P.llava_instructions, generations, out / "p1", references, scorer=scorer,
+             objects=objects, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
+             first_sentence=P.llava_first_sentence, model_name=P.llava_model)
+columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length"] + (
+    ["caption_accuracy"] if objects else []) + ["seconds"]
+display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
+"""),
+("code", """
+fig = viz.sweep_plot(rows)
+fig.savefig(out / "figures/01_sweep.png", dpi=110)
+plt.show()
+"""),
+("md", """
+## What each setting writes
+"""),
+("code", """
+predictions = {r["name"]: json.loads(Path(r["predictions"]).read_text()) for r in rows}
+shown = records[: P.llava_num_show]
+fig = viz.image_grid(shown, captions=[" / ".join(r.references[:1]) for r in shown])
+plt.show()
+for rec in shown:
+    table = [{"setting": name, "caption": pred[rec.file_id]} for name, pred in predictions.items()]
+    display(Markdown(f"**{rec.file_id}** — a reference: *{rec.references[0]}*\\n\\n" + viz.markdown_table(table)))
+"""),
+("md", """
+## The best setting
+
+Chosen by CIDEr (the course's primary metric); its predictions become `p1_predictions.json`, the file the course's
+`hw3_1.sh` must produce, and its settings are recorded for the attention notebook.
+"""),
+("code", """
+best = max(rows, key=lambda r: r["cider"])
+shutil.copyfile(best["predictions"], out / "p1_predictions.json")
+keep = ["instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore", "mean_length",
+        "caption_accuracy", "seconds", "images_per_s"]
+summary = {"model": P.llava_model, "num_images": len(records),
+           "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
+           "best": {k: best[k] for k in keep if k in best}}
+by_name = {r["instruction_name"]: r for r in rows if r["generation"] == next(iter(generations))}
+if "detailed" in by_name and "one sentence" in by_name:
+    d, s = by_name["detailed"], by_name["one sentence"]
+    print(f"detailed vs one sentence ({next(iter(generations))}): CIDEr {d['cider']:.3f} vs {s['cider']:.3f}, "
+          f"mean length {d['mean_length']:.1f} vs {s['mean_length']:.1f} words")
+save_metrics(out, "llava", summary)
+summary["best"]
+"""),
+("md", """
+**Reading the table.** CIDEr rewards the n-grams the references use, weighted by how specific they are, and its
+Gaussian length penalty punishes captions much longer or shorter than the references. A detailed description can
+name every object correctly (high caption accuracy, good CLIPScore) and still score a low CIDEr, because its
+wording and length are not the references'. Questions the model answers with something other than a caption
+(a list, a count) score worst. This is the effect the HW3 reports found on COCO with the real LLaVA.
+"""),
+]
