@@ -72,16 +72,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--val-images", type=int, default=100)
     ap.add_argument("--encoder", default="vit_gigantic_patch14_clip_224")
-    ap.add_argument("--batch-size", type=int, default=64, help="captions per step")
+    ap.add_argument("--batch-size", type=int, default=64, help="captions per step (the uncached probes)")
+    ap.add_argument("--cache-batch-sizes", type=int, nargs="+", default=[64, 256],
+                    help="captions per step for the cached epoch, one full epoch each")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--probe-steps", type=int, default=40, help="steps timed for the two uncached paths")
     ap.add_argument("--tokenizer", default=str(ROOT / "data/demo/models/decoder"),
                     help="folder with encoder.json + vocab.bpe (the stand-in's, padded to 50,257 ids)")
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the script)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    device = "cuda"
-    name = torch.cuda.get_device_name()
+    device = args.device
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="train_bench_"))
     t0 = time.time()
@@ -112,35 +115,41 @@ def main() -> None:
     t0 = time.time()
     model, encoder, transform = build(cfg)  # the encoder is built once and shared by the three runs
     encoder.to(device)
-    print(f"built in {time.time() - t0:.1f}s", flush=True)
+    results["trainable_params"] = count_check(model)
+    results["encoder_params"] = sum(p.numel() for p in encoder.parameters())
+    print(f"built in {time.time() - t0:.1f}s; encoder {args.encoder}: {results['encoder_params'] / 1e9:.2f} B "
+          f"parameters (frozen); trainable {results['trainable_params']:,}", flush=True)
+    del model
 
     def fresh():
         return build(cfg, with_encoder=False, encoder_dim=encoder.num_features)[0], encoder, transform
 
-    # 1. with the cache: feature extraction + one epoch, end to end
-    results["trainable_params"] = count_check(model)
-    results["encoder_params"] = sum(p.numel() for p in encoder.parameters())
-    print(f"encoder {args.encoder}: {results['encoder_params'] / 1e9:.2f} B parameters (frozen); "
-          f"trainable {results['trainable_params']:,}", flush=True)
-    torch.cuda.reset_peak_memory_stats()
-    tcfg = TrainConfig(num_epochs=1, batch_size=args.batch_size, eval_images=args.val_images,
-                       feature_cache="memory", num_workers=args.workers, eval_batch_size=128)
-    steps = []
-    t0 = time.time()
-    result = train(model, encoder, transform, train_recs, val_recs, tcfg, tmp / "run_cache",
-                   resume=False, device=device, on_step=lambda e, s: steps.append(time.time()))
-    total = time.time() - t0
-    epoch_steps = len(steps)
-    train_s = steps[-1] - steps[0]
-    results["cache"] = {"epoch_seconds_total": total, "steps": epoch_steps,
-                        "feature_and_setup_seconds": steps[0] - t0, "train_loop_seconds": train_s,
-                        "val_seconds": result.history[-1]["seconds"] - (steps[-1] - steps[0]),
-                        "captions_per_s": 5 * len(train_recs) / total,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    print(f"cache: one epoch {total:.1f}s end to end (features + setup {steps[0] - t0:.1f}s, {epoch_steps} steps "
-          f"{train_s:.1f}s, validation {args.val_images} images); {5 * len(train_recs) / total:.0f} captions/s; "
-          f"peak {results['cache']['peak_gib']:.1f} GiB", flush=True)
-    del model
+    # 1. with the cache: feature extraction + one epoch, end to end, at each batch size (captions per step)
+    results["cache"] = {}
+    for bs in args.cache_batch_sizes:
+        model = fresh()[0]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        tcfg = TrainConfig(num_epochs=1, batch_size=bs, eval_images=args.val_images, feature_cache="memory",
+                           num_workers=args.workers, eval_batch_size=128)
+        steps = []
+        t0 = time.time()
+        result = train(model, encoder, transform, train_recs, val_recs, tcfg, tmp / f"run_cache{bs}",
+                       resume=False, device=device, on_step=lambda e, s: steps.append(time.time()))
+        total = time.time() - t0
+        train_s = steps[-1] - steps[0]
+        results["cache"][str(bs)] = {
+            "epoch_seconds_total": total, "steps": len(steps), "feature_and_setup_seconds": steps[0] - t0,
+            "train_loop_seconds": train_s, "seconds_per_step": train_s / (len(steps) - 1),
+            "val_seconds": result.history[-1]["seconds"] - train_s, "captions_per_s": 5 * len(train_recs) / total,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+        print(f"cache, batch {bs}: one epoch {total:.1f}s end to end (features + setup {steps[0] - t0:.1f}s, "
+              f"{len(steps)} steps {train_s:.1f}s, validation {args.val_images} images); "
+              f"{5 * len(train_recs) / total:.0f} captions/s; peak {results['cache'][str(bs)]['peak_gib']} GiB",
+              flush=True)
+        del model
+    total = results["cache"][str(args.batch_size)]["epoch_seconds_total"] if str(args.batch_size) in \
+        results["cache"] else next(iter(results["cache"].values()))["epoch_seconds_total"]
 
     # 2. no cache: the encoder inside every step (probe, scaled to the epoch)
     def probe(label: str, records: list[Record]) -> dict:
