@@ -1,7 +1,8 @@
 """hw3lib: the helper package of the HW3 captioning workbook (NTU DLCV Fall 2024, homework 3).
 
 Modules, one concept each: ``data`` (caption sets, images), ``tokenizer`` (GPT-2 BPE), ``decoder`` (the course's
-GPT-2), ``captioner`` (ViT + projection + LoRA decoder), ``train`` (its training loop), ``metrics`` (CIDEr,
-CLIPScore), ``ptb`` (the PTB tokenizer without Java), ``viz`` (figures), ``workbook`` (papermill runner),
-``demo`` (the shapes world and its stand-in models), ``cli`` (the ``hw3`` command).
+GPT-2), ``captioner`` (ViT + projection + LoRA decoder), ``train`` (its training loop), ``llava`` (zero-shot
+LLaVA-1.5 captioning), ``attention`` (per-word attention maps, pointing accuracy), ``metrics`` (CIDEr, CLIPScore),
+``ptb`` (the PTB tokenizer without Java), ``viz`` (figures), ``workbook`` (papermill runner), ``demo`` (the shapes
+world and its stand-in models), ``cli`` (the ``hw3`` command).
 """

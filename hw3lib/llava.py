@@ -362,6 +362,7 @@ class LlavaAttention:
     caption: str
     token_ids: list[int]
     tokens: list[str]  # one string per generated token (sub-words, with their leading space)
+    token_strings: list[str]  # the tokenizer's own strings; word starts marked ("Ġ" byte-level, "▁" SentencePiece)
     maps: np.ndarray  # (T, len(layers), heads, rows, cols) float32
     layers: list[int]
     span: tuple[int, int]  # image positions in the prompt
@@ -397,8 +398,8 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     T = len(generated_ids)
     if T == 0:
         heads = model.config.text_config.num_attention_heads
-        return LlavaAttention("", [], [], np.zeros((0, len(layers), heads, rows, cols), np.float32), layers, span,
-                              prompt_len)
+        return LlavaAttention("", [], [], [], np.zeros((0, len(layers), heads, rows, cols), np.float32), layers,
+                              span, prompt_len)
     full = torch.cat([enc["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
     previous = {k: getattr(model.config, k)._attn_implementation for k in ("text_config", "vision_config")}
     model.set_attn_implementation("eager")  # attention weights exist only in the eager implementation
@@ -416,8 +417,8 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     maps = torch.stack([att[layer][0, :, q, span[0] + first : span[1]] for layer in layers])  # (L, H, T, n)
     maps = maps.permute(2, 0, 1, 3).float().reshape(T, len(layers), -1, rows, cols).cpu().numpy()
     tokens = [tok.decode([t]) for t in generated_ids]
-    return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens, maps,
-                          layers, span, prompt_len)
+    return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens,
+                          tok.convert_ids_to_tokens(generated_ids), maps, layers, span, prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------- sweep

@@ -193,3 +193,90 @@ def sweep_plot(rows: list[dict], x: str = "cider", y: str = "clipscore") -> Figu
     b.set(xlabel="mean caption length (words)")
     fig.tight_layout()
     return fig
+
+
+def word_attention(view, words: list[str], maps: np.ndarray, title: str = "", note: str = "",
+                   per_row: int = 6) -> Figure:
+    """The course's report layout: the image as the model saw it, then one panel per generated word with that
+    word's attention (``maps``: (W, rows, cols)) upsampled and overlaid. ``note`` says which layer / heads."""
+    from .attention import upsample
+
+    size = view.size[0]
+    n = len(words) + 1
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.9 * per_row, 2.05 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(view)
+    axes.flat[0].set_title("<image>", fontsize=9)
+    for ax, word, m in zip(list(axes.flat)[1:], words, maps):
+        ax.imshow(view)
+        ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0),
+                  vmin=float(m.min()), vmax=float(m.max()) if m.max() > m.min() else float(m.min()) + 1e-6)
+        ax.set_title(word, fontsize=10)
+    fig.suptitle("\n".join(t for t in (title, note) if t), fontsize=9.5)
+    fig.tight_layout()
+    return fig
+
+
+def pointing_table_plot(tables: dict[str, dict], chance: float) -> Figure:
+    """Pointing accuracy per layer for each model (``{model: {layer: accuracy}}``) against the chance rate."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.8 / max(1, len(tables))
+    for j, (name, table) in enumerate(tables.items()):
+        keys = list(table)
+        ax.bar(np.arange(len(keys)) + j * width, [table[k] for k in keys], width, label=name)
+        ax.set_xticks(np.arange(len(keys)) + width * (len(tables) - 1) / 2,
+                      [f"layer {k}" if k != "mean" else "mean of layers" for k in keys])
+    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance {chance:.2f}")
+    ax.set(ylabel="pointing accuracy", ylim=(0, 1), title="does the peak of a colour / shape word's map hit it?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_browser(entries: dict[str, dict]):
+    """An ipywidgets browser over attention maps: image, model, layer, heads and a slider over the words.
+
+    ``entries``: ``{"<image> / <model>": {"view": PIL image, "words": [...], "maps": (W, L, H, rows, cols),
+    "layers": [layer labels]}}``. Widget state does not survive papermill / HTML export: notebooks draw the
+    static grids as well."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    from .attention import aggregate, upsample
+
+    keys = list(entries)
+    pick = w.Dropdown(options=keys, description="image / model", style={"description_width": "initial"})
+    layer = w.Dropdown(description="layer")
+    heads = w.Dropdown(description="heads")
+    word = w.IntSlider(description="word", min=0)
+    out = w.Output()
+
+    def refresh_options(*_):
+        e = entries[pick.value]
+        layer.options = [(f"{lab}", i) for i, lab in enumerate(e["layers"])] + [("mean", "mean")]
+        heads.options = [("mean", "mean"), ("max", "max")] + [(f"head {h}", h) for h in range(e["maps"].shape[2])]
+        word.max = max(0, len(e["words"]) - 1)
+
+    def draw(*_):
+        e = entries[pick.value]
+        out.clear_output(wait=True)
+        if not e["words"] or layer.value is None or heads.value is None:  # options being swapped
+            return
+        m = aggregate(e["maps"][word.value : word.value + 1], layer.value, heads.value)[0]
+        size = e["view"].size[0]
+        with out:
+            fig, ax = plt.subplots(figsize=(3.6, 3.8))
+            ax.imshow(e["view"])
+            ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
+            ax.set_title(f"{e['words'][word.value]!r}  (layer {layer.label}, heads {heads.label})", fontsize=9)
+            ax.axis("off")
+            plt.show()
+
+    pick.observe(lambda ch: (refresh_options(), draw()), "value")
+    for control in (layer, heads, word):
+        control.observe(draw, "value")
+    refresh_options()
+    draw()
+    display(w.VBox([w.HBox([pick, layer, heads]), word, out]))

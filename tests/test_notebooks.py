@@ -55,6 +55,18 @@ def test_captioner_notebooks_run_quickly(world, tmp_path):
     assert len(predictions) == 300 and set(per_image) == set(predictions)
     assert (tmp_path / "p2/main/best.safetensors").is_file()
 
+    # P3 on the same quick run: 04 (attention maps, pointing accuracy) and 05 (best / worst CLIPScore)
+    cfg.parameters = {**cfg.parameters, "pointing_images": 6}
+    merged = wb.run(cfg, only=["04_attention_maps", "05_best_worst_clipscore"], log=lambda *_: None)
+    attention = merged["attention"]
+    assert 0 < attention["chance"] < 1 and set(attention["llava"]) == {"0", "1", "2", "mean"}
+    assert set(attention["captioner"]) == {"0", "1", "2", "mean"} and len(attention["p3_captions"]["llava"]) == 5
+    pairs = merged["best_worst"]
+    assert pairs["top"]["clipscore"] >= pairs["bottom"]["clipscore"]
+    assert {"image", "caption", "clipscore"} <= set(pairs["top"]) and pairs["top"]["image"] in per_image
+    assert (tmp_path / "report/04_attention_maps.html").read_text().count("data:image/png;base64") >= 11
+    assert (tmp_path / "report/05_best_worst_clipscore.html").read_text().count("data:image/png;base64") >= 3
+
 
 def test_llava_notebook_runs(world, tmp_path):
     """01 on a slice of p1: the sweep rows, the best setting, the predictions file, figures in the report."""

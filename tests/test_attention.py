@@ -1,0 +1,110 @@
+"""hw3lib.attention: words from tokens, the model's view, upsampling, pointing accuracy."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from hw3lib.attention import (aggregate, captioner_maps, crop_box, hit_region, model_view, point, pointing_by_layer,
+                              upsample, view_labels, word_groups, words_and_maps)
+
+
+@pytest.mark.parametrize("tokens, groups", [
+    ([" a", " red", " circ", "le", "."], [[0], [1], [2, 3, 4]]),  # GPT-2 BPE decoded pieces
+    (["A", "Ġyellow", "Ġtri", "angle", "Ġon"], [[0], [1], [2, 3], [4]]),  # byte-level BPE token strings
+    (["▁A", "▁yellow", "▁tri", "angle", ","], [[0], [1], [2, 3, 4]]),  # SentencePiece (the real LLaVA)
+])
+def test_word_groups_merge_sub_words(tokens, groups):
+    assert word_groups(tokens) == groups
+
+
+def test_words_and_maps_average_the_tokens_of_a_word():
+    maps = np.arange(4 * 2 * 3 * 2 * 2, dtype=np.float32).reshape(4, 2, 3, 2, 2)
+    pieces = [" a", " circ", "le", " !"]
+    words, merged = words_and_maps(pieces, maps, lambda g: "".join(pieces[i] for i in g))
+    assert words == ["a", "circle", "!"]
+    np.testing.assert_allclose(merged[1], (maps[1] + maps[2]) / 2)
+    assert merged.shape == (3, 2, 3, 2, 2)
+    assert aggregate(maps, layer=1, heads="mean").shape == (4, 2, 2)
+    np.testing.assert_allclose(aggregate(maps, "mean", "max"), maps.mean(1).max(1))
+    np.testing.assert_allclose(aggregate(maps, 0, 2), maps[:, 0, 2])
+
+
+@pytest.mark.parametrize("grid, size", [(12, 96), (24, 336), (6, 96)])
+@pytest.mark.parametrize("rc", [(0, 0), (3, 5), (5, 2)])
+def test_a_planted_peak_lands_on_its_patch(grid, size, rc):
+    r, c = rc
+    m = np.zeros((grid, grid), np.float32)
+    m[r, c] = 1.0
+    up = upsample(m, size)
+    y, x = np.unravel_index(np.argmax(up), up.shape)
+    p = size / grid
+    assert r * p <= y < (r + 1) * p and c * p <= x < (c + 1) * p
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.9])
+def test_the_overlay_uses_the_models_crop_of_a_non_square_image(crop_pct):
+    """A mark drawn where patch (5, 17) of a 24 x 24 grid sees a 640 x 480 photo is in that patch of the view."""
+    size, grid, (r, c) = 336, 24, (5, 17)
+    W, H = 640, 480
+    left, top, right, bottom = crop_box(W, H, size, crop_pct)
+    assert right - left == pytest.approx(bottom - top)  # square: never stretched
+    assert (left + right) / 2 == pytest.approx(W / 2) and (top + bottom) / 2 == pytest.approx(H / 2)
+    scale = size / (right - left)
+    cx, cy = left + (c + 0.5) * size / grid / scale, top + (r + 0.5) * size / grid / scale
+    image = Image.new("RGB", (W, H), "black")
+    ImageDraw.Draw(image).ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill="white")
+    view = np.asarray(model_view(image, size, crop_pct).convert("L"), dtype=np.float32)
+    y, x = np.unravel_index(np.argmax(view), view.shape)
+    p = size / grid
+    assert r * p <= y < (r + 1) * p and c * p <= x < (c + 1) * p
+    labels = np.zeros((H, W), np.uint8)
+    labels[int(cy) - 3 : int(cy) + 4, int(cx) - 3 : int(cx) + 4] = 1
+    lv = view_labels(labels, size, crop_pct)
+    ys, xs = np.nonzero(lv)
+    assert r * p <= ys.mean() < (r + 1) * p and c * p <= xs.mean() < (c + 1) * p
+
+
+def test_pointing_hit_miss_and_chance():
+    labels = np.zeros((96, 96), np.uint8)
+    labels[8:24, 8:24] = 1  # a red square in the top-left
+    labels[60:80, 60:80] = 2  # a blue circle in the bottom-right
+    objects = [{"color": "red", "shape": "square"}, {"color": "blue", "shape": "circle"}]
+    region = hit_region(labels, objects, "color", "red", radius=8)
+    assert region[0, 0] and region[30, 30] and not region[33, 33] and not region[70, 70]
+    m = np.zeros((12, 12))
+    m[1, 1] = 1
+    hit, chance = point(m, region)
+    centres = (np.arange(12) + 0.5) * 8
+    brute = np.mean([[region[int(y), int(x)] for x in centres] for y in centres])
+    assert hit and chance == pytest.approx(brute)
+    m = np.zeros((12, 12))
+    m[9, 9] = 1
+    assert not point(m, region)[0]
+    assert not hit_region(labels, objects, "color", "green", 8).any()  # a colour no object has: never a hit
+    maps = np.zeros((3, 2, 1, 12, 12))
+    maps[1, :, 0, 1, 1] = 1  # "red" points at the red square in both layers
+    maps[2, 0, 0, 9, 9] = 1  # "circle" at the circle in layer 0 only
+    maps[2, 1, 0, 1, 1] = 1
+    table = pointing_by_layer([{"words": ["a", "red", "circle"], "maps": maps, "objects": objects,
+                                "labels": labels}], ["red", "blue"], ["square", "circle"], radius=8)
+    assert (table["0"].hits, table["0"].total) == (2, 2) and table["1"].hits == 1
+
+
+def test_captioner_maps_cover_the_pooled_grid_without_cls(models_dir, world):
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, encoder_grid, paths_for
+    from hw3lib.data import list_images
+    from hw3lib.decoder import LoraConfig
+    from hw3lib.train import extract_features
+
+    cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
+                          lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **paths_for(world))
+    model, encoder, transform = build(cfg)
+    recs = list_images(world / "p3_data" / "images")[:2]
+    feats = extract_features(encoder, transform, recs, cfg.encoder)
+    torch.manual_seed(0)
+    out = captioner_maps(model, feats, encoder_grid(encoder))
+    n_layer, n_head = model.decoder.cfg.n_layer, model.decoder.cfg.n_head
+    for res in out:
+        T = len(res["token_ids"])
+        assert res["maps"].shape == (T, n_layer, n_head, 6, 6)
+        assert np.all(res["maps"].sum(axis=(-1, -2)) < 1 + 1e-5)  # the CLS and text positions take the rest
