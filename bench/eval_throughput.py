@@ -1,0 +1,73 @@
+"""Evaluation throughput: CIDEr-D + CLIPScore over N captions, end to end (the course's evaluate.py).
+
+    python bench/eval_throughput.py [--captions 2000] [--device cpu|cuda] [--json OUT.json]
+
+CLIPScore uses the CLIP ViT-B/32 architecture (open_clip ``ViT-B-32-quickgelu``) with random weights: weights do
+not change speed. The data are COCO-size JPEGs (640 x 480) with 5 references each and one prediction per image,
+written on the spot. Timed: reading the files, CIDEr-D (pycocoevalcap's PTB tokenizer: Java when installed) and
+CLIPScore (image decoding, preprocessing, both encoders), through :func:`hw3lib.metrics.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hw3lib.data import load_annotations, write_json_atomic  # noqa: E402
+from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score, evaluate, java_available  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from train_throughput import WORDS, make_data  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--captions", type=int, default=2000)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; java: {java_available()}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    t0 = time.time()
+    p2 = make_data(tmp, 0, args.captions)  # the val split only
+    rng = np.random.default_rng(1)
+    ids = [f"{i:012d}" for i in range(args.captions)]
+    pred = {k: " ".join(rng.choice(WORDS, size=int(rng.integers(8, 15)))) for k in ids}
+    write_json_atomic(tmp / "pred.json", pred)
+    print(f"{args.captions} JPEGs 640x480, 5 references each, in {time.time() - t0:.1f}s", flush=True)
+
+    scorer = ClipScorer(ClipConfig(model="ViT-B-32-quickgelu", pretrained=None, device=args.device,
+                                   batch_size=args.batch_size))
+    t0 = time.time()
+    result = evaluate(tmp / "pred.json", p2 / "val.json", p2 / "images" / "val", clip=scorer)
+    seconds = time.time() - t0
+    # the two halves again, separately, for where the time goes
+    t1 = time.time()
+    cider(pred, load_annotations(p2 / "val.json"))
+    t_cider = time.time() - t1
+    t1 = time.time()
+    clip_score(scorer, pred, p2 / "images" / "val")
+    t_clip = time.time() - t1
+    out = {"device": name, "torch": torch.__version__, "java": java_available(), "captions": args.captions,
+           "seconds": seconds, "captions_per_s": args.captions / seconds, "cider_seconds": t_cider,
+           "clipscore_seconds": t_clip, "cider": result["cider"], "clipscore": result["clipscore"]}
+    print(f"evaluate: {args.captions} captions in {seconds:.1f}s ({args.captions / seconds:.1f} captions/s), "
+          f"CIDEr + CLIPScore end to end; separately CIDEr {t_cider:.1f}s, CLIPScore {t_clip:.1f}s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
