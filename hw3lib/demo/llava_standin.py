@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import load_annotations, write_json_atomic
+from ..data import load_annotations, load_image, write_json_atomic
 from ..train import warmup_cosine
 from .world import load_objects
 
@@ -161,11 +161,11 @@ def build_llava_tokenizer(corpus: list[str], vocab_size: int = 640):
 def _records(world: Path, split: str = "train"):
     p2 = world / "p2_data"
     refs = load_annotations(p2 / f"{split}.json")
-    side = json.loads((p2 / f"{split}_objects.json").read_text())
     objects = load_objects(p2 / f"{split}_objects.json")
     ids = list(refs)
+    size = json.loads((world / "world.json").read_text())["config"]["image_size"]
     return ids, [p2 / "images" / split / f"{k}.jpg" for k in ids], [list(refs[k]) for k in ids], \
-        [objects[k] for k in ids], side["image_size"]
+        [objects[k] for k in ids], size
 
 
 def _batch(tokenizer, prompts: list[str], answers: list[str], n_image: int, image_token: str):
@@ -238,12 +238,10 @@ def build_llava(world: Path, out: Path, vit_dir: Path | None = None, seed: int =
         p.requires_grad_(False)
 
     # the frozen tower runs once per image: layer -2 patch features (CLS dropped), as LLaVA selects them
-    from PIL import Image
-
     feats = []
     with torch.no_grad():
         for b in range(0, len(paths), 256):
-            px = image_processor([Image.open(p).convert("RGB") for p in paths[b : b + 256]],
+            px = image_processor([load_image(p) for p in paths[b : b + 256]],
                                  return_tensors="pt")["pixel_values"].to(device)
             hs = model.model.vision_tower(px, output_hidden_states=True).hidden_states[vision_layer][:, 1:]
             feats.append(hs.cpu())
