@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import DataError
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
 
@@ -66,9 +67,18 @@ def create_encoder(cfg: EncoderConfig):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    name = cfg.name
-    if Path(name).is_dir():
-        name = f"local-dir:{name}"
+    from . import hub
+
+    name, cache_only = cfg.name, False
+    if Path(name).expanduser().is_dir():
+        name = f"local-dir:{Path(name).expanduser()}"
+    elif name.startswith("local-dir:") or hub.is_local(name):
+        folder = Path(name.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"{folder}: timm encoder folder not found")
+    elif not cfg.random_weights and not cfg.checkpoint:
+        spec = hub.timm_files(name)  # refuses a name that timm does not know
+        cache_only = hub.ensure_available(spec) if spec is not None else False
     kwargs = dict(pretrained=not cfg.random_weights, num_classes=0)
     if cfg.checkpoint and not cfg.random_weights:
         if not Path(cfg.checkpoint).is_file():
@@ -77,10 +87,12 @@ def create_encoder(cfg: EncoderConfig):
     if cfg.random_weights:
         torch.manual_seed(0)  # the same "random" encoder every time: a dry run trains and captions with one encoder
     try:
-        model = timm.create_model(name, **kwargs)
+        with hub.cache_only(cache_only):
+            model = timm.create_model(name, **kwargs)
     except Exception as e:  # timm raises RuntimeError / OSError / hub errors
-        raise RuntimeError(f"could not create the timm encoder {cfg.name!r}: {type(e).__name__}: {e}. Offline? Use "
-                           f"`hw3 download` where there is network, or a local folder / checkpoint") from e
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"could not create the timm encoder {cfg.name!r}: {type(e).__name__}: {first}. "
+                           f"Offline? {hub.DOWNLOAD_HINT}") from None
     model.eval().requires_grad_(False)
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
     return model, transform

@@ -107,33 +107,60 @@ def llava_15_7b_config(image_token_id: int = 32000, vocab_size: int = 32064):
                        vision_feature_select_strategy="default", pad_token_id=32001)
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.sep in name or name.startswith(".") or Path(name).exists() or name.count("/") != 1
-
-
-def _check_model_dir(name: str) -> None:
-    path = Path(name)
+def _check_model_dir(path: Path, what: str) -> None:
     if not path.exists():
-        raise DataError(f"{name}: model folder not found (give a local folder saved with save_pretrained, "
-                        f"or a hub id such as {REAL_MODEL_ID})")
-    if not (path / "config.json").is_file():
-        raise DataError(f"{name}: not a saved model (no config.json in this folder)")
+        raise DataError(f"{path}: {what} model folder not found (give a folder saved with save_pretrained, or a hub id "
+                        f"such as {REAL_MODEL_ID})")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"{path}: not a saved transformers model (no config.json in this folder)")
 
 
-def _from_pretrained(cls, name: str, **kw):
-    """Local folder or Hugging Face cache first; the hub only if that fails. Errors say which and what to do."""
-    if _looks_like_path(name):
-        _check_model_dir(name)
-        return cls.from_pretrained(name, **kw)
+def _check_llava_config(config_file: Path, name: str) -> None:
+    """A LLaVA is expected: say so when the name holds another kind of model (a timm or CLIP folder, say)."""
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kw)
-    except OSError:
-        try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read its config.json ({e})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "llava":
+        found = f"model_type {kind!r}" if kind else ("a timm model" if "architecture" in config else "no model_type")
+        raise DataError(f"{name}: not a LLaVA model (its config.json has {found}); expected a "
+                        f"LlavaForConditionalGeneration such as {REAL_MODEL_ID}")
+
+
+def _resolve(name: str, weights: bool = True, what: str = "LLaVA") -> tuple[str, bool]:
+    """``(name, cache_only)`` for ``from_pretrained``: a local folder as it is, a hub id after checking the cache
+    for its config (and ``weights``: every weights shard; see :mod:`hw3lib.hub`); anything else is refused with one
+    line."""
+    from . import hub
+
+    if hub.is_local(name):
+        path = Path(name).expanduser()
+        _check_model_dir(path, what)
+        _check_llava_config(path / "config.json", name)
+        return str(path), False
+    if not hub.is_hub_id(name):
+        kind = hub.kind_of_name(name)
+        if kind:
+            raise DataError(f"{name}: a {kind} model (in the cache as timm/{name}), not a LLaVA; give a hub id "
+                            f"such as {REAL_MODEL_ID} or a local folder")
+        raise DataError(f"{name}: neither a local folder nor a hub id (owner/name, such as {REAL_MODEL_ID})")
+    config_file = hub.cached_file(name, "config.json")
+    if config_file is not None:  # the wrong kind of model is worth knowing before any missing file
+        _check_llava_config(config_file, name)
+    return name, hub.ensure_available(hub.transformers_files(name, what, weights))
+
+
+def _from_pretrained(cls, name: str, cache_only: bool, **kw):
+    """``cls.from_pretrained`` from a folder or through the Hugging Face cache; one-line errors naming ``name``."""
+    from . import hub
+
+    try:
+        with hub.cache_only(cache_only):
             return cls.from_pretrained(name, **kw)
-        except OSError as e:
-            raise DataError(f"{name}: not in the Hugging Face cache and the hub could not be reached ({e}). "
-                            "Run `hw3 download` on a machine with network, or pass --model with a local folder."
-                            ) from None
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name}: {cls.__name__}.from_pretrained failed: {first[:300]}") from None
 
 
 def _resize_processor(processor, image_size: int, patch_size: int):
@@ -158,18 +185,19 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
             size and patch size are set to the model's, so a stand-in's tokenizer can drive the 7B architecture.
         load_in_4bit: quantise the language model with bitsandbytes (GPU only).
     """
+    name = str(model)
+    processor_name, processor_cache_only = _resolve(str(processor_from or name), weights=not random_weights)
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-    name = str(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    processor = _from_pretrained(AutoProcessor, str(processor_from or name))
+    processor = _from_pretrained(AutoProcessor, processor_name, processor_cache_only)
     processor.tokenizer.padding_side = "left"
     if random_weights:
         if name == REAL_MODEL_ID and processor_from is not None:
             config = llava_15_7b_config()
         else:
-            config = _from_pretrained(AutoConfig, name)
+            config = _from_pretrained(AutoConfig, *_resolve(name, weights=False))
         image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         if len(processor.tokenizer) > config.text_config.vocab_size:
             raise ValueError(f"the tokenizer of {processor_from or name} has {len(processor.tokenizer)} tokens, more "
@@ -191,7 +219,7 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
                 raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
             kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
             kw["device_map"] = {"": device}
-        net = _from_pretrained(LlavaForConditionalGeneration, name, **kw)
+        net = _from_pretrained(LlavaForConditionalGeneration, *_resolve(name), **kw)
         if not load_in_4bit:
             net.to(device)
     net.eval()

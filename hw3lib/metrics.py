@@ -66,21 +66,29 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig = ClipConfig()):
         import open_clip
 
+        from . import hub
+
         self.cfg = cfg
-        name, pretrained = cfg.model, cfg.pretrained
-        if Path(name).is_dir():
-            name = f"local-dir:{name}"
-        if name.startswith("local-dir:"):
-            pretrained = None
-            if not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
-                raise DataError(f"{name[len('local-dir:'):]}: no open_clip_config.json in this CLIP folder")
+        name, pretrained, cache_only = cfg.model, cfg.pretrained, False
+        if Path(name).expanduser().is_dir():
+            name = f"local-dir:{Path(name).expanduser()}"
+        if name.startswith("local-dir:") or hub.is_local(name):
+            folder = Path(name.removeprefix("local-dir:")).expanduser()
+            if not (folder / "open_clip_config.json").is_file():
+                raise DataError(f"{folder}: no open_clip_config.json in this CLIP folder" if folder.is_dir() else
+                                f"{folder}: CLIP folder not found")
+            name, pretrained = f"local-dir:{folder}", None
+        else:
+            spec = hub.open_clip_files(name, pretrained or "")  # refuses unknown names and tags
+            cache_only = hub.ensure_available(spec) if spec is not None else False
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        except (RuntimeError, OSError) as e:
-            raise RuntimeError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {e}. Offline? "
-                               f"Run `hw3 download` on a machine with network, or point clip_model at a local folder"
-                               ) from e
+            with hub.cache_only(cache_only):
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except (RuntimeError, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {first}. "
+                            f"Offline? {hub.DOWNLOAD_HINT}") from None
         self.model = model.eval().to(self.device)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
@@ -135,8 +143,8 @@ def evaluate(pred_path: str | Path, annotation_path: str | Path, images_dir: str
     predictions = read_predictions(pred_path)
     references = load_annotations(annotation_path)
     check_keys(predictions, references, pred_name=str(pred_path), ref_name=str(annotation_path))
+    scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip or ClipConfig())  # fails before any work
     score, per_cider = cider(predictions, references)
-    scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip or ClipConfig())
     clip_mean, per_clip = clip_score(scorer, predictions, images_dir)
     return {"cider": score, "clipscore": clip_mean, "num_images": len(predictions),
             "per_image": {k: {"cider": per_cider[k], "clipscore": per_clip[k]} for k in predictions}}

@@ -46,3 +46,15 @@ def test_bad_files(tmp_path, models_dir):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match=r"vocab\.bpe: a merge line must hold two symbols"):
         BPETokenizer(models_dir / "decoder/encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_real_gpt2_files_give_known_ids():
+    """The course's real encoder.json / vocab.bpe (data/gpt2/, with provenance): GPT-2's published ids."""
+    from pathlib import Path
+
+    gpt2 = Path(__file__).resolve().parents[1] / "data/gpt2"
+    real = BPETokenizer(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+    assert real.vocab_size == 50257 and real.eot_id == 50256
+    assert real.encode("Hello world") == [15496, 995]
+    assert real.encode(" The quick brown fox") == [383, 2068, 7586, 21831]
+    assert real.decode(real.encode_caption("A man riding a wave.")) == "A man riding a wave."
