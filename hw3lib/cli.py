@@ -5,7 +5,8 @@
   hw3 evaluate --pred P --annotation A --images DIR   the course's evaluate.py (CIDEr, CLIPScore)
   hw3 llava-caption IMAGES OUT.json [--prompt ...]    P1: zero-shot LLaVA captions (the course's hw3_1.sh)
   hw3 caption IMAGES OUT.json DECODER --adapter CKPT  P2: captions from a trained LoRA adapter (hw3_2.sh)
-  hw3 download                                        fetch the real models into the usual caches
+  hw3 download [--dry-run]                            fetch the real models into the Hugging Face cache
+  hw3 rehearse --out DIR                              the hw3 profile's models (random) and COCO-like data
 """
 from __future__ import annotations
 
@@ -15,18 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-REAL_MODELS = {  # what the hw3 profile loads (configs/hw3.yaml)
-    "llava": "llava-hf/llava-1.5-7b-hf",
-    "encoder": "vit_large_patch14_clip_224.openai_ft_in12k_in1k",
-    "clip": ("ViT-B-32-quickgelu", "openai"),
-}
-
 
 def _cmd_run(args) -> int:
     from .workbook import WorkbookConfig, WorkbookError, run
 
     try:
         cfg = WorkbookConfig.load(args.config)
+        cfg.override(args.parameters or [])
         run(cfg, only=args.only, html=not args.no_html)
     except WorkbookError as e:
         print(f"hw3 run: {e}", file=sys.stderr)
@@ -155,34 +151,61 @@ def _cmd_llava_caption(args) -> int:
 
 
 def _cmd_download(args) -> int:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
-        print("hw3 download: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set; unset it on a machine with network",
-              file=sys.stderr)
-        return 1
+    import yaml
+
+    from . import hub
+
     try:
-        from huggingface_hub import snapshot_download
-
-        print(f"LLaVA {REAL_MODELS['llava']} (about 14 GB) ...", flush=True)
-        path = snapshot_download(REAL_MODELS["llava"], allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                       "*.jinja"])
-        print(f"  -> {path}")
-        import timm
-
-        print(f"timm encoder {REAL_MODELS['encoder']} ...", flush=True)
-        timm.create_model(REAL_MODELS["encoder"], pretrained=True)
-        print("  -> the Hugging Face cache (timm/...)")
-        import open_clip
-
-        print(f"CLIP {REAL_MODELS['clip'][0]} / {REAL_MODELS['clip'][1]} ...", flush=True)
-        open_clip.create_model(REAL_MODELS["clip"][0], pretrained=REAL_MODELS["clip"][1])
-        print("  -> the Hugging Face cache (timm/vit_base_patch32_clip_224.openai)")
-    except Exception as e:  # no network surfaces as many exception types (DNS, connection, offline mode)
-        print(f"hw3 download: could not fetch ({type(e).__name__}: {str(e)[:300]}). This needs network access to the "
-              f"Hugging Face hub; on an offline machine copy the cache (~/.cache/huggingface) from one that has it.",
-              file=sys.stderr)
+        params = yaml.safe_load(Path(args.config).read_text())["parameters"]
+        names = {k: str(params[k]) for k in ("llava_model", "encoder", "clip_model", "clip_pretrained")}
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        print(f"hw3 download: {args.config}: cannot read the model names ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    try:
+        plan = hub.download_plan(names["llava_model"], names["encoder"], names["clip_model"],
+                                 names["clip_pretrained"])
+    except hub.ModelNotAvailable as e:
+        print(f"hw3 download: {e}", file=sys.stderr)
+        return 2
+    print(f"the models that {args.config} names, into the Hugging Face cache {hub.hub_cache_dir()}:")
+    for item in plan:
+        size = "cached" if item.cached else "size unknown (offline)" if item.size is None else \
+            f"{item.size / 1e9:.2f} GB to fetch"
+        print(f"  {item.spec.what} {item.spec.name or item.spec.repo_id}: {size}\n"
+              f"    {item.spec.repo_id} [{', '.join(item.patterns)}] -> {item.destination}")
+    todo = [item for item in plan if not item.cached]
+    if not todo:
+        print("everything is cached: the hw3 profile loads offline (HF_HUB_OFFLINE=1)")
+        return 0
+    if args.dry_run:
+        return 0
+    if hub.is_offline():
+        print("hw3 download: offline (HF_HUB_OFFLINE=1, or the hub is unreachable); run it on a machine with "
+              "network, then copy the cache (HF_HOME) here", file=sys.stderr)
         return 1
+    for item in todo:
+        print(f"fetching {item.spec.repo_id} ...", flush=True)
+        try:
+            print(f"  -> {hub.fetch(item)}")
+        except Exception as e:  # network errors come as many types (DNS, HTTP, timeouts)
+            print(f"hw3 download: {item.spec.repo_id}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                  file=sys.stderr)
+            return 1
     print("done: the hw3 profile now loads these offline (HF_HUB_OFFLINE=1 works)")
-    print("the course's decoder_model.bin, encoder.json and vocab.bpe come with hw3_data/p2_data/ (not downloadable)")
+    print("the course's decoder_model.bin, encoder.json and vocab.bpe come with hw3_data/p2_data/ (not on the hub)")
+    return 0
+
+
+def _cmd_rehearse(args) -> int:
+    from .rehearsal import prepare
+    from .rehearsal.coco import CocoLikeSizes
+
+    sizes = CocoLikeSizes(p1_val=args.p1_images, p2_train=args.train_images, p2_val=args.val_images)
+    if min(args.p1_images, args.train_images, args.val_images) < 1:
+        print("hw3 rehearse: --p1-images, --train-images and --val-images must be at least 1", file=sys.stderr)
+        return 2
+    prepare(args.out, config=args.config, sizes=sizes, parts=tuple(args.only), device=args.device,
+            llava_from=args.llava_from)
     return 0
 
 
@@ -194,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-f", "--config", default="configs/demo.yaml", help="papermill parameter file (default: demo)")
     r.add_argument("--only", nargs="+", help="run only these notebooks (names without .ipynb)")
     r.add_argument("--no-html", action="store_true", help="skip the nbconvert HTML reports")
+    r.add_argument("-p", "--parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override a parameter of the config, as papermill's -p (the value is read as YAML: 3, "
+                        "0.5, true, text)")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo-data", help="build the shapes world (and any missing stand-in)")
@@ -255,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
     v.add_argument("images", help="folder of images")
     v.add_argument("out_json", help="predictions JSON to write {file id: caption}")
-    v.add_argument("--model", default=REAL_MODELS["llava"],
+    v.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
                    help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
     v.add_argument("--processor", default=None, help="take the processor from here (default: --model)")
     v.add_argument("--prompt", default="Describe this image in one sentence.", help="the instruction")
@@ -278,7 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
     v.set_defaults(func=_cmd_llava_caption)
 
+    h = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "
+                                        "own, plus COCO-like hw3_data: the hw3 profile without downloads (GPU)")
+    h.add_argument("--out", required=True, help="writes OUT/hw3_data and OUT/hf_home (about 16 GB)")
+    h.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config whose models are rehearsed")
+    h.add_argument("--p1-images", type=int, default=200, help="p1 val images (the course's: 500)")
+    h.add_argument("--train-images", type=int, default=2000, help="p2 train images (the course's: ~10,000)")
+    h.add_argument("--val-images", type=int, default=300, help="p2 val images (the course's: ~1,500)")
+    h.add_argument("--only", nargs="+", choices=["data", "weights"], default=["data", "weights"])
+    h.add_argument("--device", default=None, help="where the 7B model is built (default: cuda when available)")
+    h.add_argument("--llava-from", default=None, help="store this saved LLaVA (e.g. data/demo/models/llava) under "
+                                                      "the LLaVA id instead of the random 7B: a dry run on a CPU")
+    h.set_defaults(func=_cmd_rehearse)
+
     w = sub.add_parser("download", help="fetch the real models of the hw3 profile (needs network)")
+    w.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config that names the models")
+    w.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
     w.set_defaults(func=_cmd_download)
     return p
 

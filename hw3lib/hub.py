@@ -234,3 +234,53 @@ def open_clip_files(name: str, pretrained: str) -> HubFiles | None:
     else:
         alts = "open_clip_model.safetensors|open_clip_pytorch_model.bin"
     return HubFiles(repo_id, (alts,), "CLIP", f"{name} / {pretrained}")
+
+
+# ----------------------------------------------------------------------------------------------- hw3 download
+@dataclass
+class Download:
+    """One repository that ``hw3 download`` fetches: which files, how big (from the hub, when reachable), where."""
+
+    spec: HubFiles
+    patterns: tuple[str, ...]  # allow_patterns of snapshot_download
+    cached: bool
+    size: int | None = None  # bytes to fetch; None when the hub cannot be asked
+
+    @property
+    def destination(self) -> Path:
+        return hub_cache_dir() / f"models--{self.spec.repo_id.replace('/', '--')}"
+
+
+def download_plan(llava: str, encoder: str, clip: str, clip_pretrained: str) -> list[Download]:
+    """The repositories behind the hw3 profile's model names, with what is already cached."""
+    import fnmatch
+
+    specs = [(transformers_files(llava, "LLaVA"), ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"))]
+    for spec in (timm_files(encoder), open_clip_files(clip, clip_pretrained)):
+        if spec is not None:
+            specs.append((spec, tuple(f for alts in spec.files for f in alts.split("|")) + ("config.json",)))
+    plan = []
+    for spec, patterns in specs:
+        item = Download(spec, patterns, cached=not missing_files(spec))
+        if not item.cached and not is_offline():
+            try:
+                from huggingface_hub import HfApi
+
+                siblings = HfApi().model_info(spec.repo_id, files_metadata=True).siblings or []
+                names = {s.rfilename: s.size or 0 for s in siblings}
+                if spec.what != "LLaVA":  # only the first alternative that the repo has, as the loaders pick
+                    keep = {"config.json"} | {next((f for f in alts.split("|") if f in names), "")
+                                              for alts in spec.files}
+                    names = {k: v for k, v in names.items() if k in keep}
+                    item.patterns = tuple(sorted(names))
+                item.size = sum(v for k, v in names.items() if any(fnmatch.fnmatch(k, p) for p in patterns))
+            except Exception:  # sizes are informative; the download itself reports real errors
+                item.size = None
+        plan.append(item)
+    return plan
+
+
+def fetch(item: Download) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(item.spec.repo_id, allow_patterns=list(item.patterns)))

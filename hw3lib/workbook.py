@@ -6,7 +6,11 @@ notebook declares is an error (a typo would otherwise be silently ignored).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,23 @@ class WorkbookConfig:
                    notebooks=list(raw.get("notebooks") or []), parameters=params,
                    demo_world=bool(raw.get("demo_world", False)))
 
+    def override(self, pairs: list) -> None:
+        """``-p NAME VALUE`` pairs, typed as papermill's ``-p`` types them: int, float, True/False/None, else text."""
+        for name, value in pairs:
+            self.parameters[name] = _papermill_value(value)
+
+
+def _papermill_value(value: str):
+    special = {"True": True, "true": True, "False": False, "false": False, "None": None, "null": None}
+    if value in special:
+        return special[value]
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
 
 def notebook_path(name: str) -> Path:
     return ROOT / "notebooks" / f"{name}.ipynb"
@@ -81,7 +102,7 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     # kernels inherit the environment: an MPLBACKEND such as Agg would keep every figure out of the notebooks
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     (out / "report").mkdir(parents=True, exist_ok=True)
-    timings = {}
+    device, costs = _device_name(), {}
     for name in names:
         params = {k: v for k, v in config.parameters.items() if k in declared[name]}
         if "output_dir" in declared[name]:
@@ -90,19 +111,107 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         log(f"[{config.profile}] running {name} ...")
         t0 = time.time()
         try:
-            papermill.execute_notebook(str(notebook_path(name)), str(target), parameters=params, cwd=str(ROOT),
-                                       kernel_name="python3", progress_bar=False, log_output=False)
+            with PeakMemory() as peak:
+                papermill.execute_notebook(str(notebook_path(name)), str(target), parameters=params,
+                                           cwd=str(ROOT), kernel_name="python3", progress_bar=False,
+                                           log_output=False)
         except PapermillExecutionError as e:
             first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
             raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
                                 f"{e.evalue}; the executed notebook with the traceback is {target}") from None
-        timings[name] = round(time.time() - t0, 1)
+        cost = {"seconds": round(time.time() - t0, 1), **peak.as_dict(), "device": device}
+        costs = _record_cost(out, name, cost)
         if html:
             _export_html(target, out / "report" / f"{name}.html")
-        log(f"[{config.profile}] {name} done in {timings[name]:.0f}s")
+        gpu = f", peak GPU {cost['peak_gpu_gib']} GiB" if cost["peak_gpu_gib"] is not None else ""
+        log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_rss_gib']} GiB")
+    timings = {n: c["seconds"] for n, c in costs.items()} if names else {}
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
     log(f"[{config.profile}] metrics: {out / 'metrics.json'}; reports: {out / 'report'}")
     return merged
+
+
+class PeakMemory:
+    """Peak memory of one notebook's run, sampled every ``interval`` seconds in a thread while it executes.
+
+    * ``peak_gpu_gib``: the GPUs' used memory (``nvidia-smi``, all cards summed) above what was in use when the
+      notebook started: the kernel's tensors, its allocator's cache and its CUDA context, i.e. what a card must
+      hold. None where there is no ``nvidia-smi``.
+    * ``peak_rss_gib``: resident memory of the runner's child processes (the kernel and its DataLoader workers).
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak_gpu, self.peak_rss = interval, None, 0
+        self._stop = threading.Event()
+        self._smi = shutil.which("nvidia-smi")
+        self._base = self._gpu_used() if self._smi else None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _gpu_used(self) -> int | None:
+        try:
+            out = subprocess.run([self._smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return sum(int(x) for x in out.split()) * 2**20  # MiB -> bytes
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def _rss(self) -> int:
+        import psutil
+
+        total = 0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._rss())
+            if self._base is not None:
+                used = self._gpu_used()
+                if used is not None:
+                    self.peak_gpu = max(self.peak_gpu or 0, used - self._base)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def as_dict(self) -> dict:
+        gib = 2**30
+        return {"peak_gpu_gib": None if self.peak_gpu is None else round(self.peak_gpu / gib, 2),
+                "peak_rss_gib": round(self.peak_rss / gib, 2)}
+
+
+def _record_cost(out: Path, name: str, cost: dict) -> dict:
+    """Add one notebook's cost to ``metrics/notebook_cost.json`` (runs with ``--only`` add to earlier ones)."""
+    from .report import save_metrics
+
+    path = out / "metrics" / "notebook_cost.json"
+    costs = json.loads(path.read_text()) if path.is_file() else {}
+    costs[name] = cost
+    save_metrics(out, "notebook_cost", costs)
+    return costs
+
+
+def _device_name() -> str:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            names = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=10).stdout.split("\n")
+            names = [n.strip() for n in names if n.strip()]
+            if names:
+                return f"{len(names)} x {names[0]}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def _export_html(notebook: Path, html: Path) -> None:

@@ -1,8 +1,16 @@
 # Sourced by run_all.sh and run_tests.sh: pick (or create) the Python environment and install the package once.
 # Uses the active conda env / virtualenv when there is one; otherwise creates .venv/ next to this repository.
-# Sets PY to the interpreter to use.
+# Sets PY to the interpreter to use. HW3_PYTHON=/path/to/python uses that interpreter as it is, installing nothing
+# (a cluster's or a GPU machine's managed environment, offline: hw3lib importable from this folder, its
+# dependencies already there).
 
-if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+if [[ -n "${HW3_PYTHON:-}" ]]; then
+  PY="$HW3_PYTHON"
+  if ! "$PY" -c "import hw3lib, papermill, transformers, timm, open_clip, loralib, pycocoevalcap" 2>/dev/null; then
+    echo "[setup] HW3_PYTHON=$PY lacks hw3lib or one of its dependencies (pip install -e . there)" >&2
+    exit 2
+  fi
+elif [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
   PY="$(command -v python)"
 else
   if [[ ! -x .venv/bin/python ]]; then
@@ -15,7 +23,8 @@ fi
 
 _stamp="$("$PY" -c 'import sys; print(sys.prefix)')/.hw3lib-install-stamp"
 _want="$(sha1sum pyproject.toml | cut -d' ' -f1) $PWD"
-if [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$_want" ]] || ! "$PY" -c "import hw3lib" 2>/dev/null; then
+if [[ -z "${HW3_PYTHON:-}" ]] && { [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$_want" ]] \
+     || ! "$PY" -c "import hw3lib" 2>/dev/null; }; then
   echo "[setup] installing hw3lib and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)') (minutes, once)"
   "$PY" -m pip install --quiet -e ".[dev]"
   echo "$_want" > "$_stamp"

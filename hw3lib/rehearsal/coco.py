@@ -112,11 +112,17 @@ def _quirk(i: int) -> str:
     return "exif" if i == 3 else "gray" if i % 47 == 5 else "cmyk" if i % 61 == 7 else ""
 
 
+def _write_image(task: tuple[Path, tuple[int, int], str, int]) -> None:
+    path, size, quirk, seed = task
+    _save(_picture(size, np.random.default_rng(seed)), path, quirk)
+
+
 def write_split(image_dir: Path, annotation: Path | None, n: int, rng: np.random.Generator, used: set[int],
-                log=print) -> dict[str, int]:
-    """``n`` images into ``image_dir`` and (when given) their COCO captions JSON; returns counts of the quirks."""
+                log=print, workers: int = 0) -> dict[str, int]:
+    """``n`` images into ``image_dir`` and (when given) their COCO captions JSON; returns counts of the quirks.
+    Each picture has its own seed, so ``workers`` processes write the same files as one."""
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations, counts = [], [], {"gray": 0, "cmyk": 0, "exif": 0}
+    images, annotations, tasks, counts = [], [], [], {"gray": 0, "cmyk": 0, "exif": 0}
     for i in range(n):
         image_id = int(rng.integers(1, 600_000))
         while image_id in used:
@@ -125,26 +131,39 @@ def write_split(image_dir: Path, annotation: Path | None, n: int, rng: np.random
         name = f"{image_id:012d}.jpg"
         size = COCO_SIZES[int(rng.integers(len(COCO_SIZES)))]
         quirk = _quirk(i)
-        _save(_picture(size, rng), image_dir / name, quirk)
         if quirk:
             counts[quirk] += 1
+        tasks.append((image_dir / name, size, quirk, int(rng.integers(2**63))))
         images.append({"file_name": name, "id": image_id, "width": size[0], "height": size[1]})
         for caption in captions_for(rng):
             annotations.append({"image_id": image_id, "id": 100_000 + len(annotations) * 7, "caption": caption})
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_image, tasks, chunksize=16)
+    else:
+        for task in tasks:
+            _write_image(task)
     if annotation is not None:
         tmp = annotation.with_name(f".{annotation.name}.tmp")
         tmp.write_text(json.dumps({"images": images, "annotations": annotations}))
         tmp.replace(annotation)
-    log(f"  {image_dir}: {n} JPEGs ({', '.join(f'{v} {k}' for k, v in counts.items() if k)})")
+    log(f"  {image_dir}: {n} JPEGs ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     return counts
 
 
-def write_hw3_data(root: str | Path, sizes: CocoLikeSizes = CocoLikeSizes(), seed: int = 0, log=print) -> Path:
+def write_hw3_data(root: str | Path, sizes: CocoLikeSizes = CocoLikeSizes(), seed: int = 0, log=print,
+                   workers: int | None = None) -> Path:
     """The course's ``hw3_data/`` layout with COCO-like images and captions (no decoder weights: see weights.py)."""
+    import os
+
     root = Path(root)
     rng, used = np.random.default_rng(seed), set()
-    write_split(root / "p1_data/images/val", root / "p1_data/val.json", sizes.p1_val, rng, used, log)
-    write_split(root / "p2_data/images/train", root / "p2_data/train.json", sizes.p2_train, rng, used, log)
-    write_split(root / "p2_data/images/val", root / "p2_data/val.json", sizes.p2_val, rng, used, log)
-    write_split(root / "p3_data/images", None, sizes.p3, rng, used, log)
+    workers = min(16, os.cpu_count() or 1) if workers is None else workers
+    for image_dir, annotation, n in (("p1_data/images/val", "p1_data/val.json", sizes.p1_val),
+                                     ("p2_data/images/train", "p2_data/train.json", sizes.p2_train),
+                                     ("p2_data/images/val", "p2_data/val.json", sizes.p2_val),
+                                     ("p3_data/images", None, sizes.p3)):
+        write_split(root / image_dir, root / annotation if annotation else None, n, rng, used, log, workers)
     return root

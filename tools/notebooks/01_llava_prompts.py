@@ -31,7 +31,7 @@ short phrase, detailed description, a colours question, a count question). It lo
 """),
 ("parameters", """
 data_root = "data/demo/hw3_data"  # hw3_data root (p1_data/ inside)
-llava_model = "llava-hf/llava-1.5-7b-hf"  # hub id or local folder (demo: data/demo/models/llava)
+llava_model = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
 llava_instructions = {"one sentence": "Describe this image in one sentence.", "short caption": "Write a short caption for this image.", "few words": "Describe the image in a few words.", "detailed": "Describe the image in detail.", "question": "What is in this picture?"}  # name -> instruction
 llava_generations = {"greedy": {"max_new_tokens": 60}, "beam 3": {"num_beams": 3, "max_new_tokens": 60}}  # name -> LlavaGeneration fields
 llava_first_sentence = False  # keep only the first sentence of each answer

@@ -23,7 +23,7 @@ maps. The layer is measured, not guessed.
 ("parameters", """
 data_root = "data/demo/hw3_data"  # hw3_data root
 adapter = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
-llava_model = "llava-hf/llava-1.5-7b-hf"  # hub id or local folder (demo: data/demo/models/llava)
+llava_model = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
 llava_instruction = ""  # "": the best instruction of notebook 01
 attention_layer = "best"  # layer index, "mean" over layers, or "best" (highest pointing accuracy; else the last)
 attention_heads = "mean"  # "mean", "max" or a head index
