@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--p1-images", type=int, default=200, help="p1 val images (the course's: 500)")
     h.add_argument("--train-images", type=int, default=2000, help="p2 train images (the course's: ~10,000)")
     h.add_argument("--val-images", type=int, default=300, help="p2 val images (the course's: ~1,500)")
-    h.add_argument("--only", nargs="+", choices=["data", "weights"], default=["data", "weights"])
+    h.add_argument("--only", nargs="+", choices=["data", "encoder", "clip", "llava"],
+                   default=["data", "encoder", "clip", "llava"], help="prepare only these parts")
     h.add_argument("--device", default=None, help="where the 7B model is built (default: cuda when available)")
     h.add_argument("--llava-from", default=None, help="store this saved LLaVA (e.g. data/demo/models/llava) under "
                                                       "the LLaVA id instead of the random 7B: a dry run on a CPU")

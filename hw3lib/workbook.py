@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .report import merge_metrics
+from .report import CUDA_PEAK_ENV, merge_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,9 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         target = out / f"{name}.ipynb"
         log(f"[{config.profile}] running {name} ...")
         t0 = time.time()
+        peak_file = out / "metrics" / f".cuda_peak_{name}.json"
+        peak_file.unlink(missing_ok=True)
+        os.environ[CUDA_PEAK_ENV] = str(peak_file)  # the kernel inherits it; report.save_metrics writes there
         try:
             with PeakMemory() as peak:
                 papermill.execute_notebook(str(notebook_path(name)), str(target), parameters=params,
@@ -120,6 +123,10 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
             raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
                                 f"{e.evalue}; the executed notebook with the traceback is {target}") from None
         cost = {"seconds": round(time.time() - t0, 1), **peak.as_dict(), "device": device}
+        if peak_file.is_file():  # PyTorch's own peaks inside the kernel
+            torch_peak = json.loads(peak_file.read_text())
+            cost.update(torch_allocated_gib=torch_peak["allocated_gib"], torch_reserved_gib=torch_peak["reserved_gib"])
+            peak_file.unlink()
         costs = _record_cost(out, name, cost)
         if html:
             _export_html(target, out / "report" / f"{name}.html")
@@ -135,8 +142,10 @@ class PeakMemory:
     """Peak memory of one notebook's run, sampled every ``interval`` seconds in a thread while it executes.
 
     * ``peak_gpu_gib``: the GPUs' used memory (``nvidia-smi``, all cards summed) above what was in use when the
-      notebook started: the kernel's tensors, its allocator's cache and its CUDA context, i.e. what a card must
-      hold. None where there is no ``nvidia-smi``.
+      notebook started: the kernel's tensors, its allocator's cache and its CUDA context. PyTorch's allocator keeps
+      freed blocks while the card has room, so on a large card this is an upper bound; the runner also records
+      ``torch_allocated_gib`` (what the tensors needed at most) from the kernel. None where there is no
+      ``nvidia-smi``.
     * ``peak_rss_gib``: resident memory of the runner's child processes (the kernel and its DataLoader workers).
     """
 

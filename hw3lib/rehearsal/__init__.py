@@ -20,8 +20,8 @@ from .coco import CocoLikeSizes, write_hw3_data
 
 
 def prepare(out: str | Path, config: str | Path = "configs/hw3.yaml", sizes: CocoLikeSizes = CocoLikeSizes(),
-            parts: tuple[str, ...] = ("data", "weights"), device: str | None = None, llava_from: str | Path | None = None,
-            log=print) -> dict:
+            parts: tuple[str, ...] = ("data", "encoder", "clip", "llava"), device: str | None = None,
+            llava_from: str | Path | None = None, log=print) -> dict:
     """Write ``out/hw3_data`` (data, and the decoder at the course's size) and ``out/hf_home`` (the models that
     ``config`` names, random, under their real ids). ``llava_from``: store this saved LLaVA (the demo stand-in) under
     the LLaVA id instead of the random 7B, for a dry run of the path on a CPU. Returns the paths and the seconds
@@ -43,19 +43,26 @@ def prepare(out: str | Path, config: str | Path = "configs/hw3.yaml", sizes: Coc
         write_hw3_data(data_root, sizes, log=log)
         weights.save_course_decoder(data_root / "p2_data", log=log)
         seconds["data"] = round(time.time() - t0, 1)
-    if "weights" in parts:
-        t0 = time.time()
-        log(f"[rehearse] random weights at the real architectures -> {cache}")
-        weights.save_timm(params["encoder"], cache, log=log)
-        weights.save_open_clip(params["clip_model"], params["clip_pretrained"], cache, log=log)
-        if llava_from:
-            from .hub_cache import write_folder
-
-            write_folder(params["llava_model"], llava_from, cache)
-            log(f"  LLaVA: {llava_from} as {params['llava_model']}")
-        else:
-            weights.save_llava(params["llava_model"], cache, device=device, log=log)
-        seconds["weights"] = round(time.time() - t0, 1)
+    for part, save in (("encoder", lambda: weights.save_timm(params["encoder"], cache, log=log)),
+                       ("clip", lambda: weights.save_open_clip(params["clip_model"], params["clip_pretrained"],
+                                                               cache, log=log)),
+                       ("llava", lambda: _save_llava(params["llava_model"], cache, device, llava_from, log))):
+        if part in parts:
+            t0 = time.time()
+            save()
+            seconds[part] = round(time.time() - t0, 1)
+    log(f"[rehearse] random weights at the real architectures are in {cache}")
     command = (f"HF_HOME={hf_home} HF_HUB_OFFLINE=1 ./run_all.sh -f {config} -p data_root {data_root}")
     log(f"[rehearse] done {seconds}; now run:\n  {command}")
     return {"data_root": str(data_root), "hf_home": str(hf_home), "seconds": seconds, "command": command}
+
+
+def _save_llava(repo_id: str, cache: Path, device: str, llava_from: str | Path | None, log) -> None:
+    from . import weights
+    from .hub_cache import write_folder
+
+    if llava_from:
+        write_folder(repo_id, llava_from, cache)
+        log(f"  LLaVA: {llava_from} as {repo_id}")
+    else:
+        weights.save_llava(repo_id, cache, device=device, log=log)
