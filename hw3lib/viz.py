@@ -214,7 +214,9 @@ def word_attention(view, words: list[str], maps: np.ndarray, title: str = "", no
         ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0),
                   vmin=float(m.min()), vmax=float(m.max()) if m.max() > m.min() else float(m.min()) + 1e-6)
         ax.set_title(word, fontsize=10)
-    fig.suptitle("\n".join(t for t in (title, note) if t), fontsize=9.5)
+    width = 20 * per_row  # characters that fit the figure's width at this font size
+    lines = [line for t in (title, note) if t for line in textwrap.wrap(t, width, max_lines=3, placeholder=" ...")]
+    fig.suptitle("\n".join(lines), fontsize=9.5)
     fig.tight_layout()
     return fig
 

@@ -42,6 +42,17 @@ def test_runs_notebooks_and_merges_metrics(fake_root):
     assert (fake_root / "out/01_ok.ipynb").is_file()
     html = (fake_root / "out/report/01_ok.html").read_text()
     assert "save_metrics" in html
+    cost = merged["notebook_cost"]["01_ok"]  # each notebook's time and memory, a run with --only adds to it
+    assert cost["seconds"] > 0 and cost["peak_rss_gib"] > 0.01 and "device" in cost
+    assert merged["notebook_seconds"] == {"01_ok": cost["seconds"]}
+
+
+def test_parameters_override_as_papermill_types_them():
+    cfg = WorkbookConfig("t", "o", ["01_ok"], {"data_root": "hw3_data", "lr": 0.001})
+    cfg.override([["data_root", "/data/hw3_data"], ["lr", "1e-4"], ["num_epochs", "2"], ["flag", "True"],
+                  ["none", "None"], ["name", "ViT-B-32"]])
+    assert cfg.parameters == {"data_root": "/data/hw3_data", "lr": 1e-4, "num_epochs": 2, "flag": True,
+                              "none": None, "name": "ViT-B-32"}
 
 
 def test_failing_notebook_names_notebook_and_cell(fake_root):
