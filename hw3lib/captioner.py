@@ -94,6 +94,11 @@ def create_encoder(cfg: EncoderConfig):
         raise DataError(f"could not create the timm encoder {cfg.name!r}: {type(e).__name__}: {first}. "
                            f"Offline? {hub.DOWNLOAD_HINT}") from None
     model.eval().requires_grad_(False)
+    rows, cols = encoder_grid(model)
+    if rows % cfg.pool or cols % cfg.pool:
+        divisors = [d for d in range(1, rows + 1) if rows % d == 0 and cols % d == 0]
+        raise DataError(f"pool {cfg.pool} does not divide the {rows} x {cols} patch grid of {cfg.name!r} "
+                        f"(use one of {divisors})")
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
     return model, transform
 
@@ -323,13 +328,15 @@ class Captioner(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- build / save / load
 def build(cfg: CaptionerConfig, with_encoder: bool = True, decoder_checkpoint: str | None = None,
-          encoder_dim: int | None = None):
+          encoder_dim: int | None = None, seed: int = 0):
     """The captioner and (optionally) its frozen encoder + transform: ``(captioner, encoder, transform)``.
 
     LoRA layers are created inside the decoder before the checkpoint is loaded into it. Without the encoder,
-    ``encoder_dim`` (its feature width) is needed to size the projection.
+    ``encoder_dim`` (its feature width) is needed to size the projection. The trained parameters (projection,
+    LoRA's A) start from ``seed``: the same command gives the same run.
     """
     ckpt = decoder_checkpoint or cfg.decoder_checkpoint
+    torch.manual_seed(seed)
     decoder = Decoder.from_checkpoint(ckpt, lora=cfg.lora)
     tokenizer = BPETokenizer(cfg.encoder_json, cfg.vocab_bpe)
     if tokenizer.vocab_size != decoder.cfg.vocab_size:
@@ -343,6 +350,7 @@ def build(cfg: CaptionerConfig, with_encoder: bool = True, decoder_checkpoint: s
         if encoder_dim is None:
             raise ValueError("build(with_encoder=False) needs encoder_dim, the encoder's feature width")
         dim = encoder_dim
+    torch.manual_seed(seed + 1)  # the projection's init does not depend on how (or whether) the encoder was made
     return Captioner(cfg, dim, decoder, tokenizer), encoder, transform
 
 

@@ -17,6 +17,43 @@ import sys
 from pathlib import Path
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _in_range(low: float, high: float, low_open: bool, high_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE, COUNT = _at_least(1), _at_least(0)
+TOP_P = _in_range(0.0, 1.0, low_open=True, high_open=False)
+DROPOUT = _in_range(0.0, 1.0, low_open=False, high_open=True)
+TEMPERATURE = _in_range(0.0, float("inf"), low_open=False, high_open=True)
+LEARNING_RATE = _in_range(0.0, float("inf"), low_open=True, high_open=True)
+
+
 def _cmd_run(args) -> int:
     from .workbook import WorkbookConfig, WorkbookError, run
 
@@ -24,7 +61,7 @@ def _cmd_run(args) -> int:
         cfg = WorkbookConfig.load(args.config)
         cfg.override(args.parameters or [])
         run(cfg, only=args.only, html=not args.no_html)
-    except WorkbookError as e:
+    except WorkbookError as e:  # a notebook failed, or the config is wrong
         print(f"hw3 run: {e}", file=sys.stderr)
         return 1
     return 0
@@ -44,16 +81,11 @@ def _cmd_demo_data(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .data import DataError
     from .metrics import ClipConfig, evaluate
 
-    try:
-        result = evaluate(args.pred, args.annotation, args.images,
-                          ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None,
-                                     batch_size=args.batch_size))
-    except (DataError, FileNotFoundError) as e:
-        print(f"hw3 evaluate: {e}", file=sys.stderr)
-        return 2
+    result = evaluate(args.pred, args.annotation, args.images,
+                      ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None,
+                                 batch_size=args.batch_size))
     if args.json:
         print(json.dumps({k: result[k] for k in ("cider", "clipscore", "num_images")}))
     else:
@@ -62,10 +94,10 @@ def _cmd_evaluate(args) -> int:
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--num-beams", type=POSITIVE, default=1, help="1 = greedy")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=30)
     p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=0)
 
 
 def _gen(args):
@@ -77,57 +109,54 @@ def _gen(args):
 
 def _cmd_train(args) -> int:
     from .captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
-    from .data import DataError, load_split
+    from .data import check_output_dir, load_split
     from .decoder import LoraConfig
     from .metrics import ClipConfig, ClipScorer
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_run_folder, train
 
     root = Path(args.data_root)
-    try:
-        cfg = CaptionerConfig(
-            encoder=EncoderConfig(name=args.encoder, checkpoint=args.encoder_checkpoint, use_cls=not args.no_cls,
-                                  pool=args.pool, random_weights=args.random_weights),
-            lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                            targets=tuple(args.lora_targets)),
-            projection=args.projection, visual_norm=not args.no_visual_norm, **paths_for(root))
-        model, encoder, transform = build(cfg)
-        n = count_check(model)
-        print(f"trainable parameters: {n:,}")
-        train_recs = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
-        val_recs = load_split(root / "p2_data/val.json", root / "p2_data/images/val")
-        if args.max_train_images:
-            train_recs = train_recs[: args.max_train_images]
-        clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
-            if args.clip_model else None
-        tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           captions_per_image=args.captions_per_image, eval_images=args.eval_images,
-                           feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed)
-        result = train(model, encoder, transform, train_recs, val_recs, tcfg, args.out, _gen(args), clip=clip,
-                       resume=not args.no_resume)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"hw3 train: {e}", file=sys.stderr)
-        return 2
+    out = check_output_dir(args.out, "--out run")
+    train_recs = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
+    val_recs = load_split(root / "p2_data/val.json", root / "p2_data/images/val")
+    if args.max_train_images:
+        train_recs = train_recs[: args.max_train_images]
+    cfg = CaptionerConfig(
+        encoder=EncoderConfig(name=args.encoder, checkpoint=args.encoder_checkpoint, use_cls=not args.no_cls,
+                              pool=args.pool, random_weights=args.random_weights),
+        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        targets=tuple(args.lora_targets)),
+        projection=args.projection, visual_norm=not args.no_visual_norm, **paths_for(root))
+    tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       captions_per_image=args.captions_per_image, eval_images=args.eval_images or 0,
+                       feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed)
+    gen = _gen(args)
+    if not args.no_resume:
+        check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
+    model, encoder, transform = build(cfg, seed=args.seed)
+    print(f"trainable parameters: {count_check(model):,}")
+    clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
+        if args.clip_model else None
+    result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
+                   resume=not args.no_resume, overwrite=True)
     print(f"best epoch {result.best_epoch}: {result.best_path}")
     return 0
 
 
 def _cmd_caption(args) -> int:
     from .captioner import caption_folder, load_adapter
-    from .data import DataError, write_json_atomic
+    from .data import check_output_file, list_images, write_json_atomic
 
-    try:
-        model, encoder, transform = load_adapter(args.adapter, decoder_checkpoint=args.decoder)
-        pred = caption_folder(model, encoder, transform, args.images, _gen(args), batch_size=args.batch_size)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"hw3 caption: {e}", file=sys.stderr)
-        return 2
-    write_json_atomic(args.out_json, pred)
-    print(f"{len(pred)} captions -> {args.out_json}")
+    out = check_output_file(args.out_json, "OUT json")
+    list_images(args.images)  # the folder and its images, before the model loads
+    model, encoder, transform = load_adapter(args.adapter, decoder_checkpoint=args.decoder)
+    pred = caption_folder(model, encoder, transform, args.images, _gen(args), batch_size=args.batch_size)
+    write_json_atomic(out, pred)
+    print(f"{len(pred)} captions -> {out}")
     return 0
 
 
 def _cmd_llava_caption(args) -> int:
-    from .data import DataError
+    from .data import check_output_file, list_images
     from .llava import LlavaGeneration, caption_folder, load_llava
 
     gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
@@ -135,17 +164,15 @@ def _cmd_llava_caption(args) -> int:
                           min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
                           no_repeat_ngram_size=args.no_repeat_ngram_size,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, cache=args.cache)
-    try:
-        model, processor = load_llava(args.model, device=args.device, random_weights=args.random_weights,
-                                      processor_from=args.processor, load_in_4bit=args.load_in_4bit)
-        run = caption_folder(model, processor, args.images, args.out_json, instruction=args.prompt, generation=gen,
-                             batch_size=args.batch_size, num_workers=args.num_workers,
-                             first_sentence=args.first_sentence, model_name=str(args.model))
-    except (DataError, ValueError, RuntimeError) as e:
-        print(f"hw3 llava-caption: {e}", file=sys.stderr)
-        return 2
+    out = check_output_file(args.out_json, "OUT json")
+    list_images(args.images)
+    model, processor = load_llava(args.model, device=args.device, random_weights=args.random_weights,
+                                  processor_from=args.processor, load_in_4bit=args.load_in_4bit)
+    run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         first_sentence=args.first_sentence, model_name=str(args.model))
     rate = run.computed / run.seconds if run.seconds else 0.0
-    print(f"{len(run.captions)} captions -> {args.out_json} ({run.computed} new in {run.seconds:.1f}s, "
+    print(f"{len(run.captions)} captions -> {out} ({run.computed} new in {run.seconds:.1f}s, "
           f"{rate:.2f} images/s; {run.reused} from an interrupted run)")
     return 0
 
@@ -201,16 +228,20 @@ def _cmd_rehearse(args) -> int:
     from .rehearsal.coco import CocoLikeSizes
 
     sizes = CocoLikeSizes(p1_val=args.p1_images, p2_train=args.train_images, p2_val=args.val_images)
-    if min(args.p1_images, args.train_images, args.val_images) < 1:
-        print("hw3 rehearse: --p1-images, --train-images and --val-images must be at least 1", file=sys.stderr)
-        return 2
     prepare(args.out, config=args.config, sizes=sizes, parts=tuple(args.only), device=args.device,
             llava_from=args.llava_from)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line (the flag and what is wrong) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (`{self.prog} -h` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hw3", description="The HW3 captioning workbook")
+    p = _Parser(prog="hw3", description="The HW3 captioning workbook")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="execute the notebooks of a profile into outputs/<profile>/")
@@ -223,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo-data", help="build the shapes world (and any missing stand-in)")
-    d.add_argument("--rebuild", nargs="*", metavar="NAME", default=None,
+    d.add_argument("--rebuild", nargs="*", metavar="NAME", default=None, choices=["decoder", "vit", "clip", "llava"],
                    help="retrain these stand-ins (decoder, vit, clip, llava); no name: rebuild the world and all")
     d.add_argument("--root", help="where to write the world (default: data/demo/hw3_data)")
     d.set_defaults(func=_cmd_demo_data)
@@ -234,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, help="folder of the images")
     e.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="open_clip name or a local CLIP folder")
     e.add_argument("--clip-pretrained", default="openai", help="open_clip tag or checkpoint file ('' for none)")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=POSITIVE, default=64)
     e.add_argument("--json", action="store_true", help="print one machine-readable JSON line")
     e.set_defaults(func=_cmd_evaluate)
 
@@ -246,26 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder-checkpoint", default="", help="local weights file for --encoder")
     t.add_argument("--random-weights", action="store_true", help="encoder without pretrained weights (dry runs)")
     t.add_argument("--no-cls", action="store_true", help="patch tokens only")
-    t.add_argument("--pool", type=int, default=1, help="average-pool the patch grid by this factor")
+    t.add_argument("--pool", type=POSITIVE, default=1, help="average-pool the patch grid by this factor (must divide it)")
     t.add_argument("--projection", choices=["linear", "mlp"], default="mlp")
     t.add_argument("--no-visual-norm", action="store_true", help="skip the LayerNorm on visual tokens")
-    t.add_argument("--lora-r", type=int, default=16)
-    t.add_argument("--lora-alpha", type=int, default=32)
-    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-r", type=POSITIVE, default=16, help="LoRA rank (the assignment requires LoRA: at least 1)")
+    t.add_argument("--lora-alpha", type=POSITIVE, default=32)
+    t.add_argument("--lora-dropout", type=DROPOUT, default=0.0, help="in [0, 1)")
     t.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_fc"],
                    choices=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"])
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--captions-per-image", type=int, default=0, help="references per image per epoch (0 = all)")
-    t.add_argument("--eval-images", type=int, default=0, help="val images captioned each epoch (0 = all)")
+    t.add_argument("--epochs", type=POSITIVE, default=5)
+    t.add_argument("--batch-size", type=POSITIVE, default=64)
+    t.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
+    t.add_argument("--captions-per-image", type=COUNT, default=0, help="references per image per epoch (0 = all)")
+    t.add_argument("--eval-images", type=POSITIVE, default=None, help="val images captioned each epoch (default: all)")
     t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default="memory")
-    t.add_argument("--num-workers", type=int, default=4)
-    t.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
+    t.add_argument("--num-workers", type=COUNT, default=4)
+    t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")
     t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
     t.add_argument("--clip-pretrained", default="")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    t.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
     _gen_args(t)
     t.set_defaults(func=_cmd_train)
 
@@ -274,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_json", help="predictions JSON to write {file id: caption}")
     c.add_argument("decoder", help="the course's decoder_model.bin")
     c.add_argument("--adapter", required=True, help="best.safetensors (with best.json beside it)")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--batch-size", type=POSITIVE, default=64)
     _gen_args(c)
     c.set_defaults(func=_cmd_caption)
 
@@ -285,20 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
     v.add_argument("--processor", default=None, help="take the processor from here (default: --model)")
     v.add_argument("--prompt", default="Describe this image in one sentence.", help="the instruction")
-    v.add_argument("--num-beams", type=int, default=1)
-    v.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (seeded by --seed)")
-    v.add_argument("--top-p", type=float, default=1.0)
-    v.add_argument("--max-new-tokens", type=int, default=30)
-    v.add_argument("--min-new-tokens", type=int, default=0)
+    v.add_argument("--num-beams", type=POSITIVE, default=1)
+    v.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
+    v.add_argument("--top-p", type=TOP_P, default=1.0, help="in (0, 1]")
+    v.add_argument("--max-new-tokens", type=POSITIVE, default=30)
+    v.add_argument("--min-new-tokens", type=COUNT, default=0)
     v.add_argument("--length-penalty", type=float, default=1.0)
-    v.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    v.add_argument("--repetition-penalty", type=float, default=1.0)
+    v.add_argument("--no-repeat-ngram-size", type=COUNT, default=0)
+    v.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True), default=1.0)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--cache", choices=["dynamic", "static", "static+compile"], default="dynamic",
                    help="KV cache: static preallocates it (faster decoding on a GPU)")
     v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
-    v.add_argument("--batch-size", type=int, default=16)
-    v.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding images")
+    v.add_argument("--batch-size", type=POSITIVE, default=16)
+    v.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")
     v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
     v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
@@ -308,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "own, plus COCO-like hw3_data: the hw3 profile without downloads (GPU)")
     h.add_argument("--out", required=True, help="writes OUT/hw3_data and OUT/hf_home (about 16 GB)")
     h.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config whose models are rehearsed")
-    h.add_argument("--p1-images", type=int, default=200, help="p1 val images (the course's: 500)")
-    h.add_argument("--train-images", type=int, default=2000, help="p2 train images (the course's: ~10,000)")
-    h.add_argument("--val-images", type=int, default=300, help="p2 val images (the course's: ~1,500)")
+    h.add_argument("--p1-images", type=POSITIVE, default=200, help="p1 val images (the course's: 500)")
+    h.add_argument("--train-images", type=POSITIVE, default=2000, help="p2 train images (the course's: ~10,000)")
+    h.add_argument("--val-images", type=POSITIVE, default=300, help="p2 val images (the course's: ~1,500)")
     h.add_argument("--only", nargs="+", choices=["data", "encoder", "clip", "llava"],
                    default=["data", "encoder", "clip", "llava"], help="prepare only these parts")
     h.add_argument("--device", default=None, help="where the 7B model is built (default: cuda when available)")
@@ -325,9 +357,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The message a user needs, on one line. An error raised in a DataLoader worker arrives wrapped with the
+    worker's traceback: keep the original message only."""
+    text = str(e).strip()
+    if "Original Traceback" in text:  # torch's ExceptionWrapper: the original "Type: message" is the last line
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and " " not in last.split(": ", 1)[0] else last
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(e).__name__
+    from .data import DataError
+
+    known = isinstance(e, (DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    return text if known or isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends as one line on stderr and exit status 2 (``HW3_DEBUG=1`` shows the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"hw3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a user sees one line; developers set HW3_DEBUG=1
+        if os.environ.get("HW3_DEBUG"):
+            raise
+        print(f"hw3 {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

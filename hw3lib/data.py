@@ -11,6 +11,7 @@ and predictions are ``{file name without extension: caption}``. Every problem wi
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,10 +189,43 @@ def check_keys(pred: dict, refs: dict, pred_name: str = "predictions", ref_name:
         raise DataError(f"{pred_name}: captions must be strings; not for {bad[:3]}")
 
 
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """Before any work: ``path`` can be written as a file (not a folder; its folder exists or can be made and is
+    writable). Raises :class:`DataError` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; the {what} must be a file path (e.g. {path / 'pred.json'})")
+    _check_writable_folder(path.parent, what)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Before any work: ``path`` is (or can be made) a writable folder, not a file. Creates it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: is a file; the {what} must be a folder")
+    _check_writable_folder(path, what)
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError(f"{folder}: a file stands where the {what}'s folder should be") from None
+    except OSError as e:
+        raise DataError(f"{folder}: cannot create the {what}'s folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: the {what}'s folder is not writable")
+
+
 def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None:
     """Write JSON through a temporary file and a rename: a killed job never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write or the rename failed

@@ -30,14 +30,38 @@ def tokenize(captions_for_image: dict) -> dict:
     """PTB-tokenise ``{key: [{"caption": str}, ...]}`` with Java when present, else the Python port (said once)."""
     global _warned_no_java
     if java_available():
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        return PTBTokenizer().tokenize(captions_for_image)
+        return java_ptb_tokenize(captions_for_image)
     if not _warned_no_java:
         warnings.warn("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
                       "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)", stacklevel=2)
         _warned_no_java = True
     return ptb_tokenize(captions_for_image)
+
+
+def java_ptb_tokenize(captions_for_image: dict) -> dict:
+    """pycocoevalcap's ``PTBTokenizer.tokenize``, step for step (the same jar, flags, input and punctuation filter),
+    except where the temporary file lives: a temporary folder instead of pycocoevalcap's package folder (which may
+    be read-only, and kept the file when the job was killed), and Java's "PTBTokenizer tokenized ..." lines on
+    stderr are kept out of the output."""
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = Path(ptbtokenizer.__file__).resolve().parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+    keys = [k for k, v in captions_for_image.items() for _ in range(len(v))]
+    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
+    with tempfile.TemporaryDirectory(prefix="hw3-ptb-") as tmp:
+        (Path(tmp) / "captions.txt").write_bytes(sentences.encode())
+        done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", "captions.txt"], cwd=tmp, capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer (Java, {jar.name}) failed: {done.stderr.decode()[-300:]}")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    out: dict = {}
+    for k, line in zip(keys, done.stdout.decode().split("\n")):
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in punctuation))
+    return out
 
 
 def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[float, dict[str, float]]:

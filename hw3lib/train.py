@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .captioner import Captioner, GenerationConfig, encode_images, save_adapter, trained_state_dict
-from .data import ImageDataset, Record
+from .data import DataError, ImageDataset, Record
 
 
 @dataclass
@@ -117,12 +117,14 @@ def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationCo
 
 def train(model: Captioner, encoder, transform, train_records: list[Record], val_records: list[Record],
           cfg: TrainConfig, out_dir: str | Path, gen: GenerationConfig = GenerationConfig(), clip=None,
-          resume: bool = True, device: str | None = None, on_step=None, log=print) -> TrainResult:
+          resume: bool = True, overwrite: bool = False, device: str | None = None, on_step=None,
+          log=print) -> TrainResult:
     """Train ``model``'s projection + LoRA on ``train_records``; validate on ``val_records`` every epoch.
 
     Args:
         clip: a :class:`hw3lib.metrics.ClipScorer` for validation CLIPScore (None: CIDEr only).
-        resume: continue from ``out_dir/last.pt`` when it exists.
+        resume: continue from ``out_dir/last.pt`` when it exists (and belongs to this very run).
+        overwrite: a ``last.pt`` of another configuration or data is replaced; otherwise it is an error.
         on_step: called as ``on_step(epoch, step)`` after every optimiser step (tests use it to simulate a kill).
     """
     from .metrics import cider, clip_score
@@ -135,6 +137,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         raise ValueError(f"feature_cache must be 'memory', 'disk' or 'off', got {cfg.feature_cache!r}")
     t_start = time.time()
     val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
+    last = out_dir / "last.pt"
+    check_run_folder(out_dir, model.cfg, cfg, train_records, val_records, gen, overwrite=overwrite or not resume)
     train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
         if cfg.feature_cache != "off" else None
     val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device)
@@ -147,12 +151,12 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, int(cfg.warmup_ratio * total)))
     history, start_epoch, best = [], 0, (-1.0, -1)
-    last = out_dir / "last.pt"
-    # a checkpoint is resumed only by the run that wrote it: same model config, training config and data
-    run_key = json.dumps([asdict(model.cfg), asdict(cfg), [r.file_id for r in train_records],
-                          [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
+    key = run_key(model.cfg, cfg, train_records, val_records, gen)
     state = torch.load(last, map_location="cpu", weights_only=False) if resume and last.is_file() else None
-    if state is not None and state.get("run_key") != run_key:
+    if state is not None and state.get("run_key") != key:
+        if not overwrite:
+            raise DataError(f"{out_dir}: holds a run of another configuration or data; pass overwrite=True "
+                            "(hw3 train --overwrite) to replace it, or choose another output folder")
         log(f"{last} belongs to a run with another configuration or data: starting over")
         state = None
     if state is not None:
@@ -203,12 +207,37 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             if row["val_cider"] > best[0]:
                 best = (row["val_cider"], epoch + 1)
                 save_adapter(model, out_dir / "best", extra={"epoch": epoch + 1, "history": history})
-            _save_last(last, model, opt, sched, epoch, history, best, run_key)
+            _save_last(last, model, opt, sched, epoch, history, best, key)
             clip_part = f", CLIPScore {row['val_clipscore']:.3f}" if "val_clipscore" in row else ""
             log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}, val CIDEr {row['val_cider']:.3f}"
                 f"{clip_part} ({row['seconds']}s)")
     best_path = out_dir / "best.safetensors"
     return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
+
+
+def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_records: list[Record],
+            gen: GenerationConfig) -> str:
+    """What makes two runs the same: a checkpoint is resumed only by the run that wrote it."""
+    return json.dumps([asdict(model_cfg), asdict(cfg), [r.file_id for r in train_records],
+                       [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
+
+
+def check_run_folder(out_dir: str | Path, model_cfg, cfg: TrainConfig, train_records: list[Record],
+                     val_records: list[Record], gen: GenerationConfig, overwrite: bool = False) -> None:
+    """Before any work: refuse an ``out_dir`` whose ``last.pt`` belongs to another run, unless ``overwrite``."""
+    last = Path(out_dir) / "last.pt"
+    if overwrite or not last.is_file():
+        return
+    val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- a torn or foreign file
+        raise DataError(f"{last}: cannot read this checkpoint ({type(e).__name__}); delete it or pass --overwrite"
+                        ) from None
+    if not isinstance(state, dict) or state.get("run_key") != run_key(model_cfg, cfg, train_records, val_records,
+                                                                       gen):
+        raise DataError(f"{out_dir}: holds a run of another configuration or data (its last.pt); pass --overwrite "
+                        "to replace it, or choose another --out")
 
 
 @contextlib.contextmanager

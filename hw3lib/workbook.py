@@ -81,8 +81,10 @@ def _declared(nb: Path) -> dict:
     return papermill.inspect_notebook(str(nb))
 
 
-def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True, log=print) -> dict:
-    """Execute the config's notebooks (or ``only`` these) and return the merged metrics."""
+def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True, log=print,
+        progress: bool = True) -> dict:
+    """Execute the config's notebooks (or ``only`` these) and return the merged metrics. ``progress``: papermill's
+    bar (cell n of N, elapsed) while each notebook runs."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -116,8 +118,8 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         try:
             with PeakMemory() as peak:
                 papermill.execute_notebook(str(notebook_path(name)), str(target), parameters=params,
-                                           cwd=str(ROOT), kernel_name="python3", progress_bar=False,
-                                           log_output=False)
+                                           cwd=str(ROOT), kernel_name="python3", progress_bar=progress,
+                                           log_output=False, kernel_manager_class=_local_kernel_manager())
         except PapermillExecutionError as e:
             first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
             raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
@@ -136,6 +138,19 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
     log(f"[{config.profile}] metrics: {out / 'metrics.json'}; reports: {out / 'report'}")
     return merged
+
+
+def _local_kernel_manager():
+    """Kernels talk to the runner over Unix sockets, not TCP on localhost: nothing listens on a port, and ipykernel
+    has no reason to warn that its TCP traffic is unencrypted."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return LocalKernelManager
 
 
 class PeakMemory:

@@ -130,33 +130,42 @@ print("ok", tuple(enc.patch_embed.grid_size), clip.model.visual.conv1.weight.sha
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_empty_cache_names_the_id_and_hw3_download(tmp_path):
-    result, seconds = hw3(["llava-caption", str(tmp_path), str(tmp_path / "out.json")], tmp_path / "empty")
+@pytest.fixture
+def images(tmp_path, world):
+    """A folder with one image: hw3 llava-caption checks its input before it loads a model."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(next((world / "p1_data/images/val").glob("*.jpg")), folder)
+    return folder
+
+
+def test_empty_cache_names_the_id_and_hw3_download(tmp_path, images):
+    result, seconds = hw3(["llava-caption", str(images), str(tmp_path / "out.json")], tmp_path / "empty")
     line = assert_one_line_error(result, LLAVA_ID, "not in the Hugging Face cache", "hw3 download")
     assert seconds < 15, (seconds, line)  # a few seconds of Python imports on 2 cores; no network wait
 
 
-def test_typo_in_the_id_suggests_the_cached_one(hf_home, tmp_path):
-    result, _ = hw3(["llava-caption", str(tmp_path), str(tmp_path / "out.json"), "--model",
+def test_typo_in_the_id_suggests_the_cached_one(hf_home, tmp_path, images):
+    result, _ = hw3(["llava-caption", str(images), str(tmp_path / "out.json"), "--model",
                      "llava-hf/llava-1.5-7b-hg"], hf_home)
     assert_one_line_error(result, "llava-hf/llava-1.5-7b-hg", f"Did you mean '{LLAVA_ID}'", "hw3 download")
 
 
-def test_a_timm_name_where_llava_is_expected(hf_home, tmp_path):
-    result, _ = hw3(["llava-caption", str(tmp_path), str(tmp_path / "out.json"), "--model", TIMM_NAME], hf_home)
+def test_a_timm_name_where_llava_is_expected(hf_home, tmp_path, images):
+    result, _ = hw3(["llava-caption", str(images), str(tmp_path / "out.json"), "--model", TIMM_NAME], hf_home)
     assert_one_line_error(result, TIMM_NAME, "timm", "not a LLaVA")
-    result, _ = hw3(["llava-caption", str(tmp_path), str(tmp_path / "out.json"), "--model", f"timm/{TIMM_NAME}"],
+    result, _ = hw3(["llava-caption", str(images), str(tmp_path / "out.json"), "--model", f"timm/{TIMM_NAME}"],
                     hf_home)
     assert_one_line_error(result, f"timm/{TIMM_NAME}", "not a LLaVA")
 
 
-def test_missing_weights_shard_is_named(hf_home, tmp_path):
+def test_missing_weights_shard_is_named(hf_home, tmp_path, images):
     broken = tmp_path / "home"
     shutil.copytree(hf_home / "hub", broken / "hub", symlinks=True)
     snapshot = next((repo_folder(LLAVA_ID, broken / "hub") / "snapshots").iterdir())
     shard = sorted(snapshot.glob("model-*.safetensors"))[1]
     shard.unlink()
-    result, seconds = hw3(["llava-caption", str(tmp_path), str(tmp_path / "out.json")], broken)
+    result, seconds = hw3(["llava-caption", str(images), str(tmp_path / "out.json")], broken)
     assert_one_line_error(result, LLAVA_ID, shard.name, "incomplete", "hw3 download")
     assert seconds < 15
 

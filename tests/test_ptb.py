@@ -34,3 +34,20 @@ def test_agrees_with_java_on_the_world(world):
 def test_known_tokens():
     out = ptb_tokenize({0: [{"caption": "A man's dog (big) isn't here."}]})
     assert out == {0: ["a man 's dog -lrb- big -rrb- is n't here"]}
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
+def test_java_runner_equals_pycocoevalcap_and_leaves_nothing_behind(tmp_path):
+    """hw3lib's runner of the Java tokenizer gives pycocoevalcap's output exactly, with several captions per key
+    and newlines inside captions, and writes nothing into pycocoevalcap's package folder."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from hw3lib.metrics import java_ptb_tokenize
+
+    folder = Path(ptbtokenizer.__file__).parent
+    before = set(folder.iterdir())
+    data = {f"k{i}": [{"caption": c}, {"caption": c.upper() + " \n"}] for i, c in enumerate(CORPUS[:40])}
+    assert java_ptb_tokenize(data) == PTBTokenizer().tokenize(data)
+    java_ptb_tokenize(data)
+    assert set(folder.iterdir()) == before

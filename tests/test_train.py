@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, paths_for, trained_state_dict
 from hw3lib.cli import main
-from hw3lib.data import load_split
+from hw3lib.data import DataError, load_split
 from hw3lib.decoder import LoraConfig
 from hw3lib.demo.world import WorldConfig, build_world
 from hw3lib.train import TrainConfig, train
@@ -51,11 +51,14 @@ def test_killed_and_resumed_equals_uninterrupted(world, models_dir, tmp_path):
         assert torch.equal(resumed[k], reference[k]), k
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "b").iterdir())
 
-    # a finished run is not resumed by a run with another configuration: it starts over
-    messages = []
+    # a run of another configuration is refused before any work; with overwrite=True it replaces the old one
+    other = replace(cfg, num_epochs=1, lr=1e-3)
     model, enc, tr = _fresh(world, models_dir)
-    result = train(model, enc, tr, recs, val, replace(cfg, num_epochs=1, lr=1e-3), tmp_path / "b",
-                   log=messages.append, device="cpu")
+    with pytest.raises(DataError, match=r"holds a run of another configuration"):
+        train(model, enc, tr, recs, val, other, tmp_path / "b", **kw)
+    messages = []
+    result = train(model, enc, tr, recs, val, other, tmp_path / "b", overwrite=True, log=messages.append,
+                   device="cpu")
     assert [row["epoch"] for row in result.history] == [1]
     assert any("starting over" in m for m in messages)
 

@@ -86,7 +86,7 @@ LoRA layers are built inside the decoder *before* the course checkpoint is loade
 round leaves a randomly initialised base). The count below is what the assignment limits.
 """),
 ("code", """
-model, encoder_model, transform = build(cfg)
+model, encoder_model, transform = build(cfg, seed=P.seed)
 n_trainable = count_check(model, P.max_trainable)
 groups = {}
 for name, p in model.named_parameters():
@@ -150,7 +150,8 @@ any change of configuration starts over.
 ("code", """
 clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None)) if P.clip_model else None
 run_dir = out / "p2" / "main"
-result = train(model, encoder_model, transform, train_records, val_records, train_cfg, run_dir, gen, clip=clip)
+result = train(model, encoder_model, transform, train_records, val_records, train_cfg, run_dir, gen, clip=clip,
+               overwrite=True)
 fig = viz.training_curves(result.history, title=f"LoRA r={P.lora_r} on {P.lora_targets}")
 fig.savefig(out / "figures/02_training_curves.png", dpi=110)
 plt.show()
@@ -169,13 +170,12 @@ for name, lora, norm in [(f"r={P.variant_lora_r} on {P.variant_lora_targets}",
                           replace(cfg.lora, r=P.variant_lora_r, alpha=2 * P.variant_lora_r,
                                   targets=targets(P.variant_lora_targets)), cfg.visual_norm),
                          ("main, no visual LayerNorm", cfg.lora, False)]:
-    torch.manual_seed(P.seed)
     v_model, _, _ = build(replace(cfg, lora=lora, visual_norm=norm), with_encoder=False,
-                          encoder_dim=encoder_model.num_features)
+                          encoder_dim=encoder_model.num_features, seed=P.seed)
     count_check(v_model, P.max_trainable)
     v_result = train(v_model, encoder_model, transform, train_records, val_records,
                      replace(train_cfg, num_epochs=P.variant_epochs), out / "p2" / f"variant{len(variants)}", gen,
-                     clip=clip)
+                     clip=clip, overwrite=True)
     variants.append(dict(name=name, lora=lora, visual_norm=norm, epochs=P.variant_epochs, result=v_result,
                          params=v_model.trainable_parameters()))
 variants[0]["params"] = n_trainable
