@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import DataError
+from .data import DataError, read_json
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
 
@@ -388,7 +388,9 @@ def load_adapter(path: str | Path, decoder_checkpoint: str | None = None, with_e
     for p in (path, meta_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: adapter file not found (an adapter is a .safetensors + .json pair)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("captioner"), dict):
+        raise DataError(f"{meta_path}: not an adapter description (no 'captioner' config; save_adapter writes it)")
     cfg_dict = meta["captioner"]
     if decoder_checkpoint:  # the course ships the tokenizer beside the decoder: prefer those files
         folder = Path(decoder_checkpoint).parent
@@ -396,9 +398,16 @@ def load_adapter(path: str | Path, decoder_checkpoint: str | None = None, with_e
             cfg_dict.update(encoder_json=str(folder / "encoder.json"), vocab_bpe=str(folder / "vocab.bpe"))
     for k, v in (overrides or {}).items():
         cfg_dict[k] = v
-    cfg = CaptionerConfig.from_dict(cfg_dict)
+    try:
+        cfg = CaptionerConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{meta_path}: its 'captioner' config does not fit this version of hw3lib ({e})") from None
     model, encoder, transform = build(cfg, with_encoder, decoder_checkpoint, encoder_dim=meta.get("encoder_dim"))
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for torn or foreign files
+        raise DataError(f"{path}: not a readable safetensors file (truncated or not an adapter): "
+                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -55,15 +56,15 @@ LEARNING_RATE = _in_range(0.0, float("inf"), low_open=True, high_open=True)
 
 
 def _cmd_run(args) -> int:
-    from .workbook import WorkbookConfig, WorkbookError, run
+    from .workbook import ConfigError, WorkbookConfig, WorkbookError, run
 
     try:
         cfg = WorkbookConfig.load(args.config)
         cfg.override(args.parameters or [])
         run(cfg, only=args.only, html=not args.no_html)
-    except WorkbookError as e:  # a notebook failed, or the config is wrong
+    except WorkbookError as e:  # the config is wrong (2, before any work), or a notebook failed (1)
         print(f"hw3 run: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 
@@ -375,6 +376,15 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends as one line on stderr and exit status 2 (``HW3_DEBUG=1`` shows the traceback)."""
     args = build_parser().parse_args(argv)
+
+    shown = set()
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in shown:  # the same input is checked more than once on some paths: say it once
+            shown.add(str(message))
+            print(f"hw3 {args.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:

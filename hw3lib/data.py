@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ def read_json(path: str | Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a JSON file") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
@@ -57,18 +62,24 @@ def load_annotations(path: str | Path) -> dict[str, list[str]]:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path}: not a COCO captions file: expected an object with lists 'images' and "
                         f"'annotations', got {keys}")
+    if not data["images"]:
+        raise DataError(f"{path}: 'images' is empty: nothing to evaluate")
     id_to_name: dict = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            raise DataError(f"{path}: images[{i}] needs 'id' and a string 'file_name', got {img!r}")
+        if not isinstance(img, dict) or not isinstance(img.get("id"), (int, str)) or isinstance(img["id"], bool) \
+                or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{path}: images[{i}] needs an 'id' (number or string) and a string 'file_name', "
+                            f"got {str(img)[:120]}")
         name = Path(img["file_name"]).stem
         if name in id_to_name.values():
             raise DataError(f"{path}: images[{i}]: file name {img['file_name']!r} appears twice")
         id_to_name[img["id"]] = name
     refs: dict[str, list[str]] = defaultdict(list)
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise DataError(f"{path}: annotations[{i}] needs 'image_id' and a string 'caption', got {ann!r}")
+        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str)) \
+                or not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: annotations[{i}] needs an 'image_id' (number or string) and a string "
+                            f"'caption', got {str(ann)[:120]}")
         if ann["image_id"] not in id_to_name:
             raise DataError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
                             f"which is not in 'images'")
@@ -110,7 +121,21 @@ def list_images(image_dir: str | Path) -> list[Record]:
     paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return [Record(p, p.stem, ()) for p in paths]
+    nested = sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*")
+                    if p.parent != image_dir and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if nested:
+        warnings.warn(f"{image_dir}: {len(nested)} image(s) in subfolders are skipped (only the folder's own "
+                      f"images are captioned), e.g. {nested[:3]}", stacklevel=2)
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for p in paths:
+        by_stem[p.stem].append(p)
+    twins = {stem: group for stem, group in by_stem.items() if len(group) > 1}
+    if twins:
+        stem, group = next(iter(twins.items()))
+        warnings.warn(f"{image_dir}: {len(twins)} name(s) are shared by several images; predictions are keyed by "
+                      f"the name, so only the first of each is captioned, e.g. {[p.name for p in group]}",
+                      stacklevel=2)
+    return [Record(group[0], stem, ()) for stem, group in by_stem.items()]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -169,6 +194,10 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     if bad:
         first = next(iter(bad.items()))
         raise DataError(f"{path}: every caption must be a string; {len(bad)} are not, e.g. {first[0]!r}: {first[1]}")
+    empty = [k for k, v in pred.items() if not v.strip()]
+    if empty:
+        warnings.warn(f"{path}: {len(empty)} of {len(pred)} captions are empty or whitespace (they score 0), "
+                      f"e.g. {empty[:3]}", stacklevel=2)
     return pred
 
 

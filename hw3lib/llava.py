@@ -158,9 +158,10 @@ def _from_pretrained(cls, name: str, cache_only: bool, **kw):
     try:
         with hub.cache_only(cache_only):
             return cls.from_pretrained(name, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 -- OSError, ValueError, safetensors' and tokenizers' own errors ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{name}: {cls.__name__}.from_pretrained failed: {first[:300]}") from None
+        raise DataError(f"{name}: cannot load it as a {cls.__name__} (missing, truncated or foreign files?): "
+                        f"{first[:300]}") from None
 
 
 def _resize_processor(processor, image_size: int, patch_size: int):
@@ -273,18 +274,17 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
     if generation.do_sample:
         torch.manual_seed(generation.seed)
     out: dict[str, str] = {}
-    bar = tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress)
-    for enc, index in loader:
-        enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
-        enc["pixel_values"] = enc["pixel_values"].to(dtype)
-        ids = model.generate(**enc, **generation.generate_kwargs(), pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
-        out.update(batch)
-        if on_batch is not None:
-            on_batch(batch)
-        bar.update(len(index))
-    bar.close()
+    with tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress) as bar:
+        for enc, index in loader:
+            enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+            enc["pixel_values"] = enc["pixel_values"].to(dtype)
+            ids = model.generate(**enc, **generation.generate_kwargs(), pad_token_id=tok.pad_token_id)
+            texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
+            out.update(batch)
+            if on_batch is not None:
+                on_batch(batch)
+            bar.update(len(index))
     return out
 
 
@@ -355,8 +355,14 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
             if on_batch is not None:
                 on_batch(batch)
 
-        new = caption_records(model, processor, todo, instruction, generation, batch_size, num_workers,
-                              first_sentence, progress, on_batch=write)
+        try:
+            new = caption_records(model, processor, todo, instruction, generation, batch_size, num_workers,
+                                  first_sentence, progress, on_batch=write)
+        except BaseException:
+            if not done and f.tell() == len(json.dumps({"settings": settings})) + 1:
+                f.close()
+                partial.unlink()  # nothing captioned: nothing to resume from
+            raise  # otherwise the captions so far stay, and a restart with the same settings skips them
     captions = {r.file_id: done[r.file_id] if r.file_id in done else new[r.file_id] for r in records}
     write_json_atomic(out_json, captions)
     partial.unlink()

@@ -67,9 +67,10 @@ def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_s
                                          num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
     encoder.to(device).eval()
     out = []
-    for pixel_values, _ in tqdm(loader, desc=desc, leave=False):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            out.append(encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half().cpu())
+    with tqdm(loader, desc=desc, leave=False) as bar:
+        for pixel_values, _ in bar:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+                out.append(encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half().cpu())
     return torch.cat(out)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import DataError, check_output_dir
 from .report import CUDA_PEAK_ENV, merge_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class WorkbookError(RuntimeError):
     """A notebook failed or the config is wrong; the message names the notebook and the cell."""
+
+
+class ConfigError(WorkbookError):
+    """The config (or a command-line override) is wrong: found before any notebook runs."""
 
 
 @dataclass
@@ -40,15 +45,18 @@ class WorkbookConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as e:
-            raise WorkbookError(f"{path}: cannot read the config ({e})") from None
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
         allowed = {"profile", "output_dir", "notebooks", "parameters", "demo_world"}
         if not isinstance(raw, dict) or set(raw) - allowed or "profile" not in raw:
-            raise WorkbookError(f"{path}: a config is a mapping with 'profile' and any of {sorted(allowed)}; "
+            raise ConfigError(f"{path}: a config is a mapping with 'profile' and any of {sorted(allowed)}; "
                                 f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
         params = raw.get("parameters") or {}
         bad = {k: type(v).__name__ for k, v in params.items() if not isinstance(v, (str, int, float, bool, type(None)))}
         if bad:
-            raise WorkbookError(f"{path}: parameters must be flat primitives (str, int, float, bool, null); {bad}")
+            raise ConfigError(f"{path}: parameters must be flat primitives (str, int, float, bool, null); {bad}")
+        notebooks = raw.get("notebooks")
+        if not isinstance(notebooks, list) or not notebooks or not all(isinstance(n, str) for n in notebooks):
+            raise ConfigError(f"{path}: 'notebooks' must be a non-empty list of notebook names, got {notebooks!r}")
         return cls(profile=raw["profile"], output_dir=Path(raw.get("output_dir", f"outputs/{raw['profile']}")),
                    notebooks=list(raw.get("notebooks") or []), parameters=params,
                    demo_world=bool(raw.get("demo_world", False)))
@@ -88,19 +96,26 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    unknown_only = sorted(set(only or ()) - set(config.notebooks))
+    if unknown_only:
+        raise ConfigError(f"--only {unknown_only}: not among the config's notebooks {config.notebooks}")
     names = [n for n in config.notebooks if not only or n in only]
     missing = [n for n in names if not notebook_path(n).is_file()]
     if missing:
-        raise WorkbookError(f"notebooks not found: {[str(notebook_path(n)) for n in missing]}")
+        raise ConfigError(f"notebooks not found: {[str(notebook_path(n)) for n in missing]}")
     declared = {n: _declared(notebook_path(n)) for n in names}
     unknown = sorted(set(config.parameters) - {p for d in declared.values() for p in d})
     if unknown and not only:
-        raise WorkbookError(f"parameters {unknown} are declared by none of the notebooks {names}")
+        raise ConfigError(f"parameters {unknown} are declared by none of the notebooks {names}")
     if config.demo_world:
         from .demo import ensure_demo_data
 
         ensure_demo_data(log=log)
     out = ROOT / config.output_dir if not config.output_dir.is_absolute() else config.output_dir
+    try:
+        check_output_dir(out, "output_dir")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     # kernels inherit the environment: an MPLBACKEND such as Agg would keep every figure out of the notebooks
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     (out / "report").mkdir(parents=True, exist_ok=True)
