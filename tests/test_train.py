@@ -1,6 +1,7 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,68 @@ def test_train_refuses_too_many_parameters(models_dir, tmp_path, capsys):
                  "--random-weights", "--lora-r", "20000", "--lora-targets", "c_fc"])
     assert code == 2
     assert "trainable parameters: the assignment allows fewer than 10,000,000" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the same command, the same run
+def _cli_root(tmp_path, models_dir, num_train: int):
+    root = tmp_path / "hw3_data"
+    build_world(root, WorldConfig(seed=7, num_train=num_train, num_val=3, num_p1=2))
+    for f in ("decoder_model.bin", "encoder.json", "vocab.bpe"):
+        shutil.copy(models_dir / "decoder" / f, root / "p2_data" / f)
+    return root
+
+
+def _train_cmd(root, out, epochs: int) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "hw3lib", "train", "--data-root", str(root), "--out", str(out), "--encoder",
+            str(Path(__file__).resolve().parents[1] / "data/demo/models/vit"), "--pool", "2", "--epochs",
+            str(epochs), "--batch-size", "8", "--num-workers", "0", "--max-new-tokens", "5", "--eval-images", "2",
+            "--lora-dropout", "0.1", "--seed", "3"]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "best.safetensors")), torch.load(out / "last.pt", weights_only=False)["trained"]
+
+
+def test_two_processes_give_bit_identical_adapters(models_dir, tmp_path):
+    """hw3 train --seed S twice, in separate processes: the same tensors, bit for bit (CPU)."""
+    import subprocess
+
+    root = _cli_root(tmp_path, models_dir, num_train=10)
+    for name in ("a", "b"):
+        subprocess.run(_train_cmd(root, tmp_path / name, 2), check=True, capture_output=True)
+    (best_a, last_a), (best_b, last_b) = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert set(last_a) == set(last_b) and len(last_a) > 4
+    for k in last_a:
+        assert torch.equal(last_a[k], last_b[k]), k
+    for k in best_a:
+        assert torch.equal(best_a[k], best_b[k]), k
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_run(models_dir, tmp_path):
+    """A run killed with SIGKILL during epoch 2 and restarted with the same command ends with the tensors of a run
+    that was never interrupted; each run is its own process."""
+    import signal
+    import subprocess
+    import time
+
+    root = _cli_root(tmp_path, models_dir, num_train=60)
+    subprocess.run(_train_cmd(root, tmp_path / "whole", 3), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(root, out, 3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 0  # killed after epoch 1 of 3
+    resumed = subprocess.run(_train_cmd(root, out, 3), check=True, capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    (_, whole), (_, again) = _adapter(tmp_path / "whole"), _adapter(out)
+    for k in whole:
+        assert torch.equal(whole[k], again[k]), k
+    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
