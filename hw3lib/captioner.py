@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import DataError, read_json
+from .data import DataError, atomic_path, read_json
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
 
@@ -363,15 +363,11 @@ def save_adapter(model: Captioner, path: str | Path, extra: dict | None = None) 
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(trained_state_dict(model), str(tmp))
     meta = {"captioner": asdict(model.cfg), "encoder_dim": model.encoder_dim,
             "trainable_params": model.trainable_parameters(), **(extra or {})}
-    jtmp = path.with_name(f".{path.stem}.json.tmp")
-    jtmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(path)
-    jtmp.replace(path.with_suffix(".json"))
+    with atomic_path(path) as tmp, atomic_path(path.with_suffix(".json")) as jtmp:
+        save_file(trained_state_dict(model), str(tmp))
+        jtmp.write_text(json.dumps(meta, indent=1))
     return path
 
 

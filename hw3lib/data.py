@@ -10,6 +10,7 @@ and predictions are ``{file name without extension: caption}``. Every problem wi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -248,13 +249,21 @@ def _check_writable_folder(folder: Path, what: str) -> None:
         raise DataError(f"{folder}: the {what}'s folder is not writable")
 
 
-def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None:
-    """Write JSON through a temporary file and a rename: a killed job never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary name beside ``path`` to write to. On success one rename puts it in place, so a killed job
+    never leaves half a file under the real name; on failure the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
+        yield tmp
         tmp.replace(path)
     finally:
-        tmp.unlink(missing_ok=True)  # only left when the write or the rename failed
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None:
+    """Write JSON through a temporary file and a rename (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")

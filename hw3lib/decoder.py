@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import atomic_path
+
 _CONV1D = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")  # stored (in, out) in the checkpoint
 _IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old HF / the course's Attention
 
@@ -265,8 +267,5 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str | Path = 
 
 def save_checkpoint(model: Decoder, path: str | Path) -> None:
     """Write ``decoder_model.bin`` in the course's format, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.course_state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(model.course_state_dict(), tmp)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .captioner import Captioner, GenerationConfig, encode_images, save_adapter, trained_state_dict
-from .data import DataError, ImageDataset, Record
+from .data import DataError, ImageDataset, Record, atomic_path
 
 
 @dataclass
@@ -83,9 +83,8 @@ def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_
     if path.is_file():
         return torch.load(path, weights_only=True)
     feats = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, cfg.num_workers)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(feats, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(feats, tmp)
     return feats
 
 
@@ -260,7 +259,7 @@ def _block_weights_in_bf16(model: Captioner, enabled: bool):
 
 
 def _save_last(path: Path, model, opt, sched, epoch, history, best, run_key: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"trained": trained_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": history, "best": list(best), "run_key": run_key}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"trained": trained_state_dict(model), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "best": list(best),
+                    "run_key": run_key}, tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DataError, check_output_dir
+from .data import DataError, atomic_path, check_output_dir
 from .report import CUDA_PEAK_ENV, merge_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,6 @@ def _export_html(notebook: Path, html: Path) -> None:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
-    tmp = html.with_name(f".{html.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(html)
+    with atomic_path(html) as tmp:
+        tmp.write_text(body, encoding="utf-8")
 

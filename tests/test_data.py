@@ -23,7 +23,8 @@ def test_split_records(world):
 @pytest.mark.parametrize("payload, words", [
     ([1, 2], "not a COCO captions file"),
     ({"images": []}, "not a COCO captions file"),
-    ({"images": [{"id": 1}], "annotations": []}, "images[0] needs 'id' and a string 'file_name'"),
+    ({"images": [{"id": 1}], "annotations": []},
+     "images[0] needs an 'id' (number or string) and a string 'file_name'"),
     ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}, "annotations[0] needs"),
 ])
 def test_malformed_annotation_files(tmp_path, payload, words):

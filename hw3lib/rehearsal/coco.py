@@ -13,12 +13,13 @@ The pictures are smooth colour fields with a few shapes: the rehearsal measures 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..data import write_json_atomic
 
 COCO_SIZES = [(640, 480), (480, 640), (640, 427), (500, 375), (612, 612), (427, 640), (640, 424), (375, 500),
               (640, 512), (640, 360)]
@@ -146,9 +147,7 @@ def write_split(image_dir: Path, annotation: Path | None, n: int, rng: np.random
         for task in tasks:
             _write_image(task)
     if annotation is not None:
-        tmp = annotation.with_name(f".{annotation.name}.tmp")
-        tmp.write_text(json.dumps({"images": images, "annotations": annotations}))
-        tmp.replace(annotation)
+        write_json_atomic(annotation, {"images": images, "annotations": annotations}, indent=None)
     log(f"  {image_dir}: {n} JPEGs ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     return counts
 

@@ -132,14 +132,12 @@ def save_open_clip(name: str, pretrained: str, cache_dir: Path, log=print) -> Pa
 
 def save_course_decoder(p2_data: Path, log=print) -> Path:
     """GPT-2 small with GPT-2's init (normal 0.02) in the course's format, and the real tokenizer files."""
-    from ..decoder import Decoder, DecoderConfig
+    from ..decoder import Decoder, DecoderConfig, save_checkpoint
 
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig())
     path = p2_data / "decoder_model.bin"
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(decoder.course_state_dict(), tmp)
-    tmp.replace(path)
+    save_checkpoint(decoder, path)
     for f in ("encoder.json", "vocab.bpe"):
         shutil.copyfile(GPT2_DIR / f, p2_data / f)
     log(f"  decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.0f} M parameters -> {path}")
