@@ -25,8 +25,13 @@ _stamp="$("$PY" -c 'import sys; print(sys.prefix)')/.hw3lib-install-stamp"
 _want="$(sha1sum pyproject.toml | cut -d' ' -f1) $PWD"
 if [[ -z "${HW3_PYTHON:-}" ]] && { [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$_want" ]] \
      || ! "$PY" -c "import hw3lib" 2>/dev/null; }; then
-  echo "[setup] installing hw3lib and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)') (minutes, once)"
-  "$PY" -m pip install --quiet -e ".[dev]"
+  _prefix="$("$PY" -c 'import sys; print(sys.prefix)')"
+  echo "[setup] installing hw3lib and its dependencies into $_prefix (minutes, once; log: $_prefix/hw3lib-install.log)"
+  if ! "$PY" -m pip install --quiet -e ".[dev]" > "$_prefix/hw3lib-install.log" 2>&1; then
+    tail -n 20 "$_prefix/hw3lib-install.log" >&2
+    echo "[setup] pip install failed; the whole log is $_prefix/hw3lib-install.log" >&2
+    exit 1
+  fi
   echo "$_want" > "$_stamp"
 fi
 
