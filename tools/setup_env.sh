@@ -16,7 +16,7 @@ else
   if [[ ! -x .venv/bin/python ]]; then
     echo "[setup] creating .venv/ (first run)"
     python3 -m venv .venv
-    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet --upgrade pip > .venv/pip-upgrade.log 2>&1 || true  # optional
   fi
   PY="$PWD/.venv/bin/python"
 fi
