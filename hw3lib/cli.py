@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder-checkpoint", default="", help="local weights file for --encoder")
     t.add_argument("--random-weights", action="store_true", help="encoder without pretrained weights (dry runs)")
     t.add_argument("--no-cls", action="store_true", help="patch tokens only")
-    t.add_argument("--pool", type=POSITIVE, default=1, help="average-pool the patch grid by this factor (must divide it)")
+    t.add_argument("--pool", type=POSITIVE, default=1,
+                   help="average-pool the patch grid by this factor (must divide it)")
     t.add_argument("--projection", choices=["linear", "mlp"], default="mlp")
     t.add_argument("--no-visual-norm", action="store_true", help="skip the LayerNorm on visual tokens")
     t.add_argument("--lora-r", type=POSITIVE, default=16, help="LoRA rank (the assignment requires LoRA: at least 1)")

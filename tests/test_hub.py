@@ -56,8 +56,8 @@ def hf_home(tmp_path_factory, models_dir):
     clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
     save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()}, work / "clip.safetensors")
     write_repo(CLIP_REPO, {"open_clip_model.safetensors": work / "clip.safetensors"}, cache)
-    torch.save({"vit_sum": sum(float(v.double().sum()) for k, v in vit.state_dict().items() if not k.startswith("head"))},
-               home / "expected.pt")
+    body = {k: v for k, v in vit.state_dict().items() if not k.startswith("head")}  # num_classes=0 drops the head
+    torch.save({"vit_sum": sum(float(v.double().sum()) for v in body.values())}, home / "expected.pt")
     return home
 
 
