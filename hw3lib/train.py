@@ -42,6 +42,8 @@ class TrainConfig:
     feature_cache: str = "memory"  # "memory", "disk" (out_dir/features-*.pt) or "off" (encoder every step)
     num_workers: int = 0  # image-decoding workers for feature extraction
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    deterministic: bool = True  # CPU: deterministic kernels (index_add's threads otherwise sum in any order), so the
+    # same seed gives bit-identical tensors; CUDA keeps its fast kernels
 
 
 @dataclass
@@ -167,7 +169,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         log(f"resumed from {last} after epoch {state['epoch'] + 1}/{cfg.num_epochs}")
 
     amp = cfg.amp and device.type == "cuda"
-    with _block_weights_in_bf16(model, amp):
+    with _block_weights_in_bf16(model, amp), _deterministic(cfg.deterministic and device.type == "cpu"):
         for epoch in range(start_epoch, cfg.num_epochs):
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
@@ -238,6 +240,17 @@ def check_run_folder(out_dir: str | Path, model_cfg, cfg: TrainConfig, train_rec
                                                                        gen):
         raise DataError(f"{out_dir}: holds a run of another configuration or data (its last.pt); pass --overwrite "
                         "to replace it, or choose another --out")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """``torch.use_deterministic_algorithms`` for the duration, restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled or before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @contextlib.contextmanager
