@@ -3,6 +3,7 @@
 Modules, one concept each: ``data`` (caption sets, images), ``tokenizer`` (GPT-2 BPE), ``decoder`` (the course's
 GPT-2), ``captioner`` (ViT + projection + LoRA decoder), ``train`` (its training loop), ``llava`` (zero-shot
 LLaVA-1.5 captioning), ``attention`` (per-word attention maps, pointing accuracy), ``metrics`` (CIDEr, CLIPScore),
-``ptb`` (the PTB tokenizer without Java), ``viz`` (figures), ``workbook`` (papermill runner), ``demo`` (the shapes
-world and its stand-in models), ``cli`` (the ``hw3`` command).
+``ptb`` (the PTB tokenizer without Java), ``hub`` (models by name through the Hugging Face cache), ``viz``
+(figures), ``workbook`` (papermill runner), ``demo`` (the shapes world and its stand-in models), ``rehearsal`` (the
+hw3 profile with random weights at the real sizes and COCO-like data), ``cli`` (the ``hw3`` command).
 """
