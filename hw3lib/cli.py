@@ -7,6 +7,7 @@
   hw3 caption IMAGES OUT.json DECODER --adapter CKPT  P2: captions from a trained LoRA adapter (hw3_2.sh)
   hw3 download [--dry-run]                            fetch the real models into the Hugging Face cache
   hw3 rehearse --out DIR                              the hw3 profile's models (random) and COCO-like data
+  hw3 lab [--port N]                                  JupyterLab on 127.0.0.1, the workbook's notebooks open
 """
 from __future__ import annotations
 
@@ -234,6 +235,14 @@ def _cmd_rehearse(args) -> int:
     return 0
 
 
+def _cmd_lab(args) -> int:
+    from .kernel import lab
+
+    extra = args.jupyter_args[1:] if args.jupyter_args[:1] == ["--"] else args.jupyter_args
+    lab(args.port, open_browser=not args.no_browser, extra=extra)
+    return 0  # not reached: JupyterLab replaces this process
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error said in one line (the flag and what is wrong) instead of the whole usage."""
 
@@ -356,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config that names the models")
     w.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
     w.set_defaults(func=_cmd_download)
+
+    j = sub.add_parser("lab", help="open the workbook in JupyterLab (127.0.0.1 only, token login)")
+    j.add_argument("--port", type=POSITIVE, help="port to listen on (default: Jupyter's, 8888 or the next free one)")
+    j.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
+    j.add_argument("jupyter_args", nargs=argparse.REMAINDER, metavar="-- JUPYTER_ARGS",
+                   help="anything after -- goes to `jupyter lab` as it is")
+    j.set_defaults(func=_cmd_lab)
     return p
 
 

@@ -237,34 +237,51 @@ def pointing_table_plot(tables: dict[str, dict], chance: float) -> Figure:
     return fig
 
 
-def attention_browser(entries: dict[str, dict]):
+def attention_browser(entries: dict[str, dict], show: bool = True):
     """An ipywidgets browser over attention maps: image, model, layer, heads and a slider over the words.
 
     ``entries``: ``{"<image> / <model>": {"view": PIL image, "words": [...], "maps": (W, L, H, rows, cols),
-    "layers": [layer labels]}}``. Widget state does not survive papermill / HTML export: notebooks draw the
-    static grids as well."""
+    "layers": [layer labels], "layer": the layer shown first (default: the last)}}``. It redraws from these maps
+    only; nothing is recomputed. Widget state does not survive papermill / HTML export: notebooks draw the static
+    grids as well. Returns the widget (displayed when ``show``)."""
     import ipywidgets as w
     from IPython.display import display
 
     from .attention import aggregate, upsample
 
-    keys = list(entries)
-    pick = w.Dropdown(options=keys, description="image / model", style={"description_width": "initial"})
+    pick = w.Dropdown(options=list(entries), description="image / model", style={"description_width": "initial"})
     layer = w.Dropdown(description="layer")
     heads = w.Dropdown(description="heads")
     word = w.IntSlider(description="word", min=0)
     out = w.Output()
+    swapping = [False]  # while the options of another image are put in place, a value change must not draw
 
-    def refresh_options(*_):
+    def choose(control, options, keep, default):
+        """ipywidgets 8 selects nothing when options are replaced: keep the value where it still exists."""
+        values = [v for _, v in options]
+        control.options = options
+        control.value = keep if keep in values else default
+
+    def refresh_options():
         e = entries[pick.value]
-        layer.options = [(f"{lab}", i) for i, lab in enumerate(e["layers"])] + [("mean", "mean")]
-        heads.options = [("mean", "mean"), ("max", "max")] + [(f"head {h}", h) for h in range(e["maps"].shape[2])]
-        word.max = max(0, len(e["words"]) - 1)
+        swapping[0] = True
+        try:
+            layers = [(f"{lab}", i) for i, lab in enumerate(e["layers"])] + [("mean", "mean")]
+            choose(layer, layers, layer.value, e.get("layer", len(e["layers"]) - 1))
+            head_options = [("mean", "mean"), ("max", "max")] + [(f"head {h}", h) for h in range(e["maps"].shape[2])]
+            choose(heads, head_options, heads.value, "mean")
+            word.max = max(0, len(e["words"]) - 1)
+        finally:
+            swapping[0] = False
 
     def draw(*_):
+        if swapping[0]:
+            return
         e = entries[pick.value]
         out.clear_output(wait=True)
-        if not e["words"] or layer.value is None or heads.value is None:  # options being swapped
+        if not e["words"]:
+            with out:
+                print(f"{pick.value}: no words")
             return
         m = aggregate(e["maps"][word.value : word.value + 1], layer.value, heads.value)[0]
         size = e["view"].size[0]
@@ -276,9 +293,12 @@ def attention_browser(entries: dict[str, dict]):
             ax.axis("off")
             plt.show()
 
-    pick.observe(lambda ch: (refresh_options(), draw()), "value")
+    pick.observe(lambda _: (refresh_options(), draw()), "value")
     for control in (layer, heads, word):
         control.observe(draw, "value")
     refresh_options()
     draw()
-    display(w.VBox([w.HBox([pick, layer, heads]), word, out]))
+    box = w.VBox([w.HBox([pick, layer, heads]), word, out])
+    if show:
+        display(box)
+    return box

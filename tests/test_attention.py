@@ -108,3 +108,24 @@ def test_captioner_maps_cover_the_pooled_grid_without_cls(models_dir, world):
         T = len(res["token_ids"])
         assert res["maps"].shape == (T, n_layer, n_head, 6, 6)
         assert np.all(res["maps"].sum(axis=(-1, -2)) < 1 + 1e-5)  # the CLS and text positions take the rest
+
+
+def test_browser_controls_hold_values_across_images():
+    """ipywidgets 8 leaves a Dropdown at None when its options are replaced: the browser then drew nothing."""
+    from hw3lib.viz import attention_browser
+
+    def entry(n_layers, n_words, first=None):
+        e = {"view": Image.new("RGB", (32, 32)), "words": [f"w{i}" for i in range(n_words)],
+             "maps": np.random.default_rng(0).random((n_words, n_layers, 2, 4, 4)),
+             "layers": [str(i) for i in range(n_layers)]}
+        return e if first is None else {**e, "layer": first}
+
+    box = attention_browser({"a / captioner": entry(3, 4, first=1), "a / llava": entry(5, 2)}, show=False)
+    (pick, layer, heads), word = box.children[0].children, box.children[1]
+    assert (layer.value, heads.value, word.max) == (1, "mean", 3)  # the entry's own first layer
+    heads.value, word.value = 1, 3
+    pick.value = "a / llava"
+    assert (layer.value, heads.value, word.max, word.value) == (1, 1, 1, 1)  # kept where they still exist
+    layer.value = 4
+    pick.value = "a / captioner"
+    assert layer.value == 1 and len(layer.options) == 4  # layer 4 is not there: back to the entry's first

@@ -2,6 +2,7 @@
 import ast
 import json
 
+import jupytext
 import nbformat
 import papermill
 import pytest
@@ -10,12 +11,50 @@ import hw3lib.workbook as wb
 from hw3lib.workbook import WorkbookConfig
 
 NOTEBOOKS = sorted((wb.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SCRIPTS = sorted((wb.ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def pair_differences(ipynb, script) -> list[str]:
+    """What differs between a notebook and its percent-format script: cell kinds, sources, tags."""
+    def cells(nb):
+        return [(c.cell_type, c.source.strip("\n"), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+
+    a, b = cells(nbformat.read(str(ipynb), as_version=4)), cells(jupytext.read(str(script)))
+    diffs = [f"cell {i}: {x[0]} {x[1][:50]!r} ... vs {y[0]} {y[1][:50]!r} ..."
+             for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return diffs + ([f"{len(a)} cells vs {len(b)}"] if len(a) != len(b) else [])
+
+
+def test_every_notebook_is_a_jupytext_pair():
+    assert NOTEBOOKS and [p.stem for p in NOTEBOOKS] == [p.stem for p in SCRIPTS]
+    config = (wb.ROOT / "notebooks/jupytext.toml").read_text()
+    assert 'formats = "ipynb,py:percent"' in config
+    for path in SCRIPTS:
+        assert path.read_text().startswith("# %% [markdown]"), f"{path.name}: not a percent-format script"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pair_in_sync(path):
+    diffs = pair_differences(path, path.with_suffix(".py"))
+    assert not diffs, f"{path.name} and {path.stem}.py differ (run: jupytext --sync notebooks/*.ipynb): {diffs[:3]}"
+
+
+def test_sync_check_sees_an_edit(tmp_path):
+    """The check above catches an edit made on one side only (in JupyterLab without jupytext, or in the .py)."""
+    src = NOTEBOOKS[0].with_suffix(".py")
+    edited = tmp_path / src.name
+    edited.write_text(src.read_text().replace("# %%\n", "# %%\nx = 1  # an edit\n", 1))
+    assert pair_differences(NOTEBOOKS[0], edited)
+    untagged = tmp_path / "untagged.py"
+    untagged.write_text(src.read_text().replace('# %% tags=["parameters"]', "# %%"))
+    assert pair_differences(NOTEBOOKS[0], untagged)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_clean(path):
     nb = nbformat.read(str(path), as_version=4)
     assert "widgets" not in nb.metadata
+    assert nb.metadata.kernelspec.name == "hw3", "the workbook's kernel (hw3lib.kernel registers it)"
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs"

@@ -1,19 +1,17 @@
-NAME = "05_best_worst_clipscore.ipynb"
-CELLS = [
-("md", """
-# 05 · The best and the worst caption by CLIPScore (P3)
+# %% [markdown]
+# # 05 · The best and the worst caption by CLIPScore (P3)
+#
+# CLIPScore `2.5 · max(cos(image, caption), 0)` rates each of the captioner's validation captions (notebook 03
+# saved them per image). The course asks for the **top-1 and last-1** image–caption pairs, with their attention
+# maps, and for what they say about the model and about the metric.
 
-CLIPScore `2.5 · max(cos(image, caption), 0)` rates each of the captioner's validation captions (notebook 03
-saved them per image). The course asks for the **top-1 and last-1** image–caption pairs, with their attention
-maps, and for what they say about the model and about the metric.
-"""),
-("parameters", """
+# %% tags=["parameters"]
 data_root = "data/demo/hw3_data"  # hw3_data root
 adapter = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
 attention_heads = "mean"  # "mean", "max" or a head index
 output_dir = "outputs/demo"  # set by `hw3 run`
-"""),
-("code", """
+
+# %%
 import json
 from pathlib import Path
 
@@ -41,8 +39,8 @@ ranked = sorted(per_image, key=lambda k: per_image[k]["clipscore"])
 top, bottom = ranked[-1], ranked[0]
 print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, median {np.median(scores):.3f}, "
       f"min {scores.min():.3f}, max {scores.max():.3f}")
-"""),
-("code", """
+
+# %%
 fig = viz.score_histograms({"captioner on p2 val": scores}, title="CLIPScore of each validation caption")
 ax = fig.axes[0]
 for key, label in ((top, "top-1"), (bottom, "last-1")):
@@ -50,11 +48,11 @@ for key, label in ((top, "top-1"), (bottom, "last-1")):
     ax.text(per_image[key]["clipscore"], ax.get_ylim()[1] * 0.9, f" {label}", fontsize=8)
 fig.savefig(out / "figures/05_clipscore_histogram.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## The two pairs, with the attention of every word
-"""),
-("code", """
+
+# %% [markdown]
+# ## The two pairs, with the attention of every word
+
+# %%
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
 captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 attention_file = out / "metrics/attention.json"
@@ -67,18 +65,18 @@ for label, key, e in (("top", top, entries[0]), ("bottom", bottom, entries[1])):
     pairs[label] = {"image": key, "caption": per_image[key]["caption"], "clipscore": per_image[key]["clipscore"],
                     "cider": per_image[key]["cider"], "references": list(val[key].references)}
     display(Markdown(f"**{label}: {key}**, CLIPScore {per_image[key]['clipscore']:.3f}, CIDEr "
-                     f"{per_image[key]['cider']:.3f}\\n\\n- caption: *{per_image[key]['caption']}*\\n"
-                     + "".join(f"- reference: {ref}\\n" for ref in val[key].references)))
+                     f"{per_image[key]['cider']:.3f}\n\n- caption: *{per_image[key]['caption']}*\n"
+                     + "".join(f"- reference: {ref}\n" for ref in val[key].references)))
     maps = aggregate(e["maps"], layer, P.attention_heads)
     fig = viz.word_attention(e["view"], e["words"], maps, title=f"{label}-1 by CLIPScore: {e['caption']}",
                              note=f"captioner, layer {layer}, heads {P.attention_heads}")
     fig.savefig(out / f"figures/05_{label}.png", dpi=100)
     plt.show()
-"""),
-("md", """
-## What the numbers say
-"""),
-("code", """
+
+# %% [markdown]
+# ## What the numbers say
+
+# %%
 lines = []
 t, b = pairs["top"], pairs["bottom"]
 lines.append(f"- The top pair scores {t['clipscore']:.3f} and the bottom one {b['clipscore']:.3f}; the spread of the "
@@ -104,8 +102,6 @@ if sidecar.is_file():
         lines.append(f"- Over all {len(per_image)} captions, correct ones average CLIPScore {ok.mean():.3f} and wrong "
                      f"ones {bad.mean():.3f}: CLIPScore does separate right from wrong on average, but a single score "
                      "is a noisy verdict, and the extremes mix caption quality with how typical the image is.")
-display(Markdown("\\n".join(lines)))
+display(Markdown("\n".join(lines)))
 save_metrics(out, "best_worst", pairs)
 pairs
-"""),
-]

@@ -1,32 +1,30 @@
-NAME = "00_shapes_world.ipynb"
-CELLS = [
-("md", """
-# 00 · The data at a glance (and the shapes world)
+# %% [markdown]
+# # 00 · The data at a glance (and the shapes world)
+#
+# The workbook runs on two profiles. **hw3** points at the course's `hw3_data/` and the real models; **demo** runs on
+# the *shapes world*: a captioning data set generated from a seed, written in exactly the HW3 layout
+# (`p1_data/`, `p2_data/`, `p3_data/`, COCO-format JSON, 12-digit file names), with small stand-in models trained on it.
+#
+# Because the world is synthetic its ground truth is known: every object's colour, shape, size, box and mask. That
+# turns *"does the caption name the right objects?"* and *"does this attention map point at the object?"* into
+# numbers. This notebook shows the data, its captions, and checks the CLIP model that CLIPScore uses.
 
-The workbook runs on two profiles. **hw3** points at the course's `hw3_data/` and the real models; **demo** runs on
-the *shapes world*: a captioning data set generated from a seed, written in exactly the HW3 layout
-(`p1_data/`, `p2_data/`, `p3_data/`, COCO-format JSON, 12-digit file names), with small stand-in models trained on it.
-
-Because the world is synthetic its ground truth is known: every object's colour, shape, size, box and mask. That
-turns *"does the caption name the right objects?"* and *"does this attention map point at the object?"* into
-numbers. This notebook shows the data, its captions, and checks the CLIP model that CLIPScore uses.
-"""),
-("parameters", """
+# %% tags=["parameters"]
 data_root = "data/demo/hw3_data"  # an hw3_data folder: the demo world or the course's data
 clip_model = "data/demo/models/clip"  # CLIPScore model: open_clip name (ViT-B-32-quickgelu) or a local folder
 clip_pretrained = ""  # open_clip tag ("openai") or checkpoint file; "" for a local folder
 output_dir = "outputs/demo"  # where figures and metrics go (set by `hw3 run`)
 num_show = 12  # images in the grid
 seed = 0  # which images are shown, which captions get shuffled
-"""),
-("code", """
+
+# %%
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from hw3lib import viz
-from hw3lib.data import load_annotations, load_split
+from hw3lib.data import load_split
 from hw3lib.demo.world import load_objects, object_set, parse_caption
 from hw3lib.metrics import ClipConfig, ClipScorer, clip_check
 from hw3lib.params import typed
@@ -35,14 +33,14 @@ from hw3lib.report import save_metrics
 P = typed(dict(data_root=str, clip_model=str, clip_pretrained=str, output_dir=str, num_show=int, seed=int), globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
-"""),
-("md", """
-## The splits
 
-P1 (zero-shot LLaVA) captions `p1_data/images/val`; P2 (the LoRA captioner) trains on `p2_data/images/train` and is
-scored on `p2_data/images/val`; P3 draws attention maps on the five images of `p3_data/images`.
-"""),
-("code", """
+# %% [markdown]
+# ## The splits
+#
+# P1 (zero-shot LLaVA) captions `p1_data/images/val`; P2 (the LoRA captioner) trains on `p2_data/images/train` and is
+# scored on `p2_data/images/val`; P3 draws attention maps on the five images of `p3_data/images`.
+
+# %%
 splits = {name: load_split(root / f"{p}/{name.split('/')[1]}.json", root / f"{p}/images/{name.split('/')[1]}")
           for name, p in [("p1/val", "p1_data"), ("p2/train", "p2_data"), ("p2/val", "p2_data")]}
 p3_images = sorted((root / "p3_data/images").glob("*.jpg"))
@@ -50,13 +48,13 @@ for name, records in splits.items():
     n_caps = sum(len(r.references) for r in records)
     print(f"{name:9s} {len(records):5d} images  {n_caps:6d} captions  e.g. {records[0].image_path.name}")
 print(f"p3        {len(p3_images):5d} images")
-"""),
-("md", """
-## A grid of validation images
 
-On the demo profile each object's ground-truth box is drawn with its label; the title is the first reference.
-"""),
-("code", """
+# %% [markdown]
+# ## A grid of validation images
+#
+# On the demo profile each object's ground-truth box is drawn with its label; the title is the first reference.
+
+# %%
 val = splits["p2/val"]
 rng = np.random.default_rng(P.seed)
 shown = [val[i] for i in rng.choice(len(val), size=min(P.num_show, len(val)), replace=False)]
@@ -65,29 +63,29 @@ objects = load_objects(sidecar) if sidecar.is_file() else None
 fig = viz.image_grid(shown, boxes=[objects[r.file_id] for r in shown] if objects else None)
 fig.savefig(out / "figures/00_val_grid.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## Captions
 
-Five references per image, like COCO's five annotators. Their length and vocabulary decide a lot about CIDEr:
-a model that copies the most common phrasing scores well on n-gram overlap without seeing the image.
-"""),
-("code", """
+# %% [markdown]
+# ## Captions
+#
+# Five references per image, like COCO's five annotators. Their length and vocabulary decide a lot about CIDEr:
+# a model that copies the most common phrasing scores well on n-gram overlap without seeing the image.
+
+# %%
 train_refs = {r.file_id: list(r.references) for r in splits["p2/train"]}
 fig = viz.caption_statistics(train_refs)
 fig.savefig(out / "figures/00_caption_statistics.png", dpi=110)
 plt.show()
 for caption in splits["p2/val"][0].references:
     print("-", caption)
-"""),
-("md", """
-## The caption parser (demo profile)
 
-`parse_caption` maps a caption back to the set of (colour, shape) objects it names. *Caption accuracy* in the later
-notebooks is the fraction of images whose generated caption names exactly the right set. Here it is checked on the
-references themselves, which must all agree with the ground truth.
-"""),
-("code", """
+# %% [markdown]
+# ## The caption parser (demo profile)
+#
+# `parse_caption` maps a caption back to the set of (colour, shape) objects it names. *Caption accuracy* in the later
+# notebooks is the fraction of images whose generated caption names exactly the right set. Here it is checked on the
+# references themselves, which must all agree with the ground truth.
+
+# %%
 world = {}
 if objects:
     agree = [parse_caption(c) == object_set(objects[r.file_id]) for r in val for c in r.references]
@@ -96,14 +94,14 @@ if objects:
     print(world)
 else:
     print("no *_objects.json sidecar: not the shapes world, nothing to parse")
-"""),
-("md", """
-## Does the CLIP model see the captions? (`clip_check`)
 
-CLIPScore is `2.5 * max(cos(image, text), 0)`. Before trusting it, check that it separates each validation image's
-own caption from a caption of another image: the AUC is the probability that the own caption scores higher.
-"""),
-("code", """
+# %% [markdown]
+# ## Does the CLIP model see the captions? (`clip_check`)
+#
+# CLIPScore is `2.5 * max(cos(image, text), 0)`. Before trusting it, check that it separates each validation image's
+# own caption from a caption of another image: the AUC is the probability that the own caption scores higher.
+
+# %%
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
 check = clip_check(scorer, val, seed=P.seed)
 fig = viz.score_histograms({"own caption": check["true"], "another image's caption": check["shuffled"]},
@@ -112,10 +110,8 @@ fig.savefig(out / "figures/00_clip_check.png", dpi=110)
 plt.show()
 clip_metrics = {k: round(check[k], 4) for k in ("auc", "mean_true", "mean_shuffled")}
 clip_metrics
-"""),
-("code", """
+
+# %%
 save_metrics(out, "clip_check", clip_metrics)
 if world:
     save_metrics(out, "world", world)
-"""),
-]

@@ -1,21 +1,19 @@
-NAME = "02_train_lora_captioner.ipynb"
-CELLS = [
-("md", """
-# 02 · A LoRA captioner: frozen ViT → projection → GPT-2 with LoRA (P2)
+# %% [markdown]
+# # 02 · A LoRA captioner: frozen ViT → projection → GPT-2 with LoRA (P2)
+#
+# The course's Problem 2. A frozen, pretrained **ViT** turns the image into patch tokens; a small trainable
+# **projection** maps them into the embedding space of the course's **GPT-2 decoder**, where they stand *before* the
+# caption as a visual prefix (the ClipCap recipe). The decoder stays frozen except for **LoRA** (Hu et al., 2021):
+# each adapted weight `W` becomes `W + (alpha / r) · B A` with `A: r × in`, `B: out × r`, `B = 0` at the start, so the
+# model begins exactly as the pretrained decoder. Only the projection and `A`, `B` train: fewer than 10 M parameters.
+#
+# ```
+# image ─ ViT (frozen) ─ [CLS] + patch tokens ─ projection + LayerNorm ─┐
+#                                                                       ├─ GPT-2 + LoRA ─ next-token loss on the caption
+#                           <|endoftext|> a red circle and ... ─ wte ───┘
+# ```
 
-The course's Problem 2. A frozen, pretrained **ViT** turns the image into patch tokens; a small trainable
-**projection** maps them into the embedding space of the course's **GPT-2 decoder**, where they stand *before* the
-caption as a visual prefix (the ClipCap recipe). The decoder stays frozen except for **LoRA** (Hu et al., 2021):
-each adapted weight `W` becomes `W + (alpha / r) · B A` with `A: r × in`, `B: out × r`, `B = 0` at the start, so the
-model begins exactly as the pretrained decoder. Only the projection and `A`, `B` train: fewer than 10 M parameters.
-
-```
-image ─ ViT (frozen) ─ [CLS] + patch tokens ─ projection + LayerNorm ─┐
-                                                                      ├─ GPT-2 + LoRA ─ next-token loss on the caption
-                          <|endoftext|> a red circle and ... ─ wte ───┘
-```
-"""),
-("parameters", """
+# %% tags=["parameters"]
 data_root = "data/demo/hw3_data"  # hw3_data root: p2_data/ holds train/val, decoder_model.bin, encoder.json, vocab.bpe
 encoder = "data/demo/models/vit"  # timm model name (e.g. vit_large_patch14_clip_224.openai_ft_in12k_in1k) or folder
 encoder_checkpoint = ""  # local weights file for `encoder` ("": timm cache / hub / the folder)
@@ -42,13 +40,12 @@ clip_pretrained = ""  # open_clip tag ("openai") or file; "" for a folder
 max_trainable = 10_000_000  # the assignment's limit
 output_dir = "outputs/demo"  # set by `hw3 run`
 seed = 0  # initialisation, data order
-"""),
-("code", """
-from dataclasses import asdict, replace
+
+# %%
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from IPython.display import Markdown, display
 
@@ -78,14 +75,14 @@ train_cfg = TrainConfig(num_epochs=P.num_epochs, batch_size=P.batch_size, lr=P.l
                         captions_per_image=P.captions_per_image, eval_images=P.eval_images, seed=P.seed)
 gen = GenerationConfig(num_beams=1, max_new_tokens=P.max_new_tokens)  # greedy for the per-epoch curves
 torch.manual_seed(P.seed)
-"""),
-("md", """
-## The model and what trains
 
-LoRA layers are built inside the decoder *before* the course checkpoint is loaded into it (doing it the other way
-round leaves a randomly initialised base). The count below is what the assignment limits.
-"""),
-("code", """
+# %% [markdown]
+# ## The model and what trains
+#
+# LoRA layers are built inside the decoder *before* the course checkpoint is loaded into it (doing it the other way
+# round leaves a randomly initialised base). The count below is what the assignment limits.
+
+# %%
 model, encoder_model, transform = build(cfg, seed=P.seed)
 n_trainable = count_check(model, P.max_trainable)
 groups = {}
@@ -98,14 +95,14 @@ frozen = (sum(p.numel() for p in model.parameters() if not p.requires_grad)
 display(Markdown(viz.markdown_table([{"group": k, "parameters": v} for k, v in groups.items()]
                                     + [{"group": "**trainable**", "parameters": n_trainable},
                                        {"group": "frozen (ViT + GPT-2)", "parameters": frozen}])))
-"""),
-("md", """
-## Data, and the encoder's features, once
 
-The encoder is frozen, so its output for an image never changes: it runs **once per image** and the features are
-cached, instead of once per caption per epoch.
-"""),
-("code", """
+# %% [markdown]
+# ## Data, and the encoder's features, once
+#
+# The encoder is frozen, so its output for an image never changes: it runs **once per image** and the features are
+# cached, instead of once per caption per epoch.
+
+# %%
 train_records = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
 if P.max_train_images:
     train_records = train_records[: P.max_train_images]
@@ -118,15 +115,15 @@ print(f"{len(train_records)} train / {len(val_records)} val images")
 print(f"features {tuple(sample.shape)} (batch, visual tokens, width); input_ids {tuple(ids.shape)}; "
       f"logits {tuple(first.logits.shape)}")
 print(f"loss before training: {first.loss.item():.3f}  (the decoder alone, blind to the image)")
-"""),
-("md", """
-## Visual tokens and text embeddings live at different scales
 
-A pitfall every HW3 report hit: the ViT's features, linearly projected, have norms far from those of GPT-2's token
-embeddings, so the visual prefix either drowns the caption or vanishes next to it. A LayerNorm after the projection,
-with its gain set to the text embeddings' scale, puts them on the same footing from step one.
-"""),
-("code", """
+# %% [markdown]
+# ## Visual tokens and text embeddings live at different scales
+#
+# A pitfall every HW3 report hit: the ViT's features, linearly projected, have norms far from those of GPT-2's token
+# embeddings, so the visual prefix either drowns the caption or vanishes next to it. A LayerNorm after the projection,
+# with its gain set to the text embeddings' scale, puts them on the same footing from step one.
+
+# %%
 with torch.no_grad():
     raw = model.proj(sample).flatten(0, 1)
     normed = model.visual_norm(raw) if P.visual_norm else torch.nn.functional.layer_norm(raw, raw.shape[-1:])
@@ -137,17 +134,17 @@ fig = viz.token_norms({"text embeddings (wte)": text.norm(dim=-1).numpy(),
                       title="per-token norms at initialisation")
 fig.savefig(out / "figures/02_token_norms.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## Training
 
-AdamW on the trainable parameters, linear warm-up then cosine decay, gradient clipping, bf16 autocast on a GPU.
-Every epoch ends with validation captions, CIDEr and CLIPScore, an atomic checkpoint (`last.pt`, so a killed run
-resumes where it stopped) and the best adapter so far (`best.safetensors` + `best.json`: trained weights only).
-Re-running the notebook with the same configuration and data picks up the finished run instead of training again;
-any change of configuration starts over.
-"""),
-("code", """
+# %% [markdown]
+# ## Training
+#
+# AdamW on the trainable parameters, linear warm-up then cosine decay, gradient clipping, bf16 autocast on a GPU.
+# Every epoch ends with validation captions, CIDEr and CLIPScore, an atomic checkpoint (`last.pt`, so a killed run
+# resumes where it stopped) and the best adapter so far (`best.safetensors` + `best.json`: trained weights only).
+# Re-running the notebook with the same configuration and data picks up the finished run instead of training again;
+# any change of configuration starts over.
+
+# %%
 clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None)) if P.clip_model else None
 run_dir = out / "p2" / "main"
 result = train(model, encoder_model, transform, train_records, val_records, train_cfg, run_dir, gen, clip=clip,
@@ -155,16 +152,16 @@ result = train(model, encoder_model, transform, train_records, val_records, trai
 fig = viz.training_curves(result.history, title=f"LoRA r={P.lora_r} on {P.lora_targets}")
 fig.savefig(out / "figures/02_training_curves.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## LoRA variants
 
-The report asks for at least two LoRA settings. The main run above is the first; the second changes the rank and
-the adapted layers. A third drops the visual LayerNorm, to measure the scale pitfall above instead of asserting
-it. To keep the workbook fast the variants train for fewer epochs, so the table compares every row after the same
-number of epochs (`val CIDEr @ N`), next to the main run's final score.
-"""),
-("code", """
+# %% [markdown]
+# ## LoRA variants
+#
+# The report asks for at least two LoRA settings. The main run above is the first; the second changes the rank and
+# the adapted layers. A third drops the visual LayerNorm, to measure the scale pitfall above instead of asserting
+# it. To keep the workbook fast the variants train for fewer epochs, so the table compares every row after the same
+# number of epochs (`val CIDEr @ N`), next to the main run's final score.
+
+# %%
 variants = [dict(name="main", lora=cfg.lora, visual_norm=cfg.visual_norm, epochs=P.num_epochs, result=result)]
 for name, lora, norm in [(f"r={P.variant_lora_r} on {P.variant_lora_targets}",
                           replace(cfg.lora, r=P.variant_lora_r, alpha=2 * P.variant_lora_r,
@@ -186,26 +183,24 @@ rows = [{"variant": v["name"], "LoRA r": v["lora"].r, "targets": ", ".join(v["lo
          f"val CLIPScore @ {at}": v["result"].history[at - 1].get("val_clipscore", float("nan")),
          "epochs": v["epochs"], "val CIDEr (last)": v["result"].history[-1]["val_cider"]} for v in variants]
 display(Markdown(viz.markdown_table(rows)))
-"""),
-("md", """
-## Sample captions next to the references
-"""),
-("code", """
+
+# %% [markdown]
+# ## Sample captions next to the references
+
+# %%
 from hw3lib.captioner import load_adapter
 
 best, _, _ = load_adapter(result.best_path, with_encoder=False)
 shown = val_records[:8]
 feats = extract_features(encoder_model, transform, shown, cfg.encoder).float()
 captions = best.generate(feats, gen).captions
-fig = viz.image_grid(shown, captions=[f"{c}\\n(ref: {r.references[0]})" for c, r in zip(captions, shown)])
+fig = viz.image_grid(shown, captions=[f"{c}\n(ref: {r.references[0]})" for c, r in zip(captions, shown)])
 fig.savefig(out / "figures/02_samples.png", dpi=110)
 plt.show()
-"""),
-("code", """
+
+# %%
 variant_rows = [{k.replace(" @ ", "_at_").replace(" ", "_").replace("(", "").replace(")", "").lower(): v
                  for k, v in r.items()} for r in rows]
 save_metrics(out, "captioner_training", {"trainable_params": n_trainable, "best_epoch": result.best_epoch,
                                          "adapter": str(result.best_path), "history": result.history,
                                          "seconds": round(result.seconds, 1), "variants": variant_rows})
-"""),
-]

@@ -1,35 +1,33 @@
-NAME = "01_llava_prompts.ipynb"
-CELLS = [
-("md", """
-# 01 · Zero-shot captioning with LLaVA-1.5 (P1)
+# %% [markdown]
+# # 01 · Zero-shot captioning with LLaVA-1.5 (P1)
+#
+# **LLaVA** (*Visual Instruction Tuning*, Liu et al. 2023; v1.5: *Improved Baselines with Visual Instruction
+# Tuning*) turns a chat language model into an image chat model with three parts:
+#
+# | part | LLaVA-1.5-7B | role |
+# |---|---|---|
+# | vision encoder | CLIP ViT-L/14 at 336 px (OpenAI), **frozen** | 24 × 24 = 576 patch features, taken from the *second-to-last* layer, CLS dropped |
+# | projector | 2-layer MLP with GELU (v1.0: one linear layer) | maps each 1024-d patch feature to a 4096-d *visual token* |
+# | language model | Vicuna-7B (a LLaMA fine-tuned on ShareGPT chats) | reads `USER: <image>\n{instruction} ASSISTANT:` with the 576 visual tokens in place of `<image>`, writes the answer |
+#
+# It is trained in **two stages**:
+# 1. **Feature alignment** — only the projector learns, on 558 K image–caption pairs (LAION/CC/SBU), with a brief
+#    "describe the image" instruction: the visual tokens learn to live in the language model's embedding space.
+# 2. **Visual instruction tuning** — projector **and** language model learn on instruction-following data: 158 K
+#    conversations, detailed descriptions and reasoning questions that a *text-only* GPT-4 wrote from each COCO
+#    image's captions and object boxes (**GPT-assisted instruction data**), plus academic VQA sets in v1.5 (665 K).
+#
+# Zero-shot captioning is therefore a matter of *asking well*: the instruction selects which of the learned answer
+# styles comes out, and the generation config (greedy, beam search, sampling, length limits) shapes it. This notebook
+# sweeps both on the P1 validation images and scores every setting with CIDEr and CLIPScore.
+#
+# On the **demo profile** the model is a stand-in built the same way (`hw3lib/demo/llava_standin.py`): the stand-in
+# CLIP's image tower converted into a transformers `CLIPVisionModel`, a small Llama pre-trained on the world's text,
+# then stage 1 (projector only, captions) and stage 2 (projector + LM, five instruction styles: one-sentence caption,
+# short phrase, detailed description, a colours question, a count question). It loads with the same
+# `LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` calls as the real model.
 
-**LLaVA** (*Visual Instruction Tuning*, Liu et al. 2023; v1.5: *Improved Baselines with Visual Instruction
-Tuning*) turns a chat language model into an image chat model with three parts:
-
-| part | LLaVA-1.5-7B | role |
-|---|---|---|
-| vision encoder | CLIP ViT-L/14 at 336 px (OpenAI), **frozen** | 24 × 24 = 576 patch features, taken from the *second-to-last* layer, CLS dropped |
-| projector | 2-layer MLP with GELU (v1.0: one linear layer) | maps each 1024-d patch feature to a 4096-d *visual token* |
-| language model | Vicuna-7B (a LLaMA fine-tuned on ShareGPT chats) | reads `USER: <image>\\n{instruction} ASSISTANT:` with the 576 visual tokens in place of `<image>`, writes the answer |
-
-It is trained in **two stages**:
-1. **Feature alignment** — only the projector learns, on 558 K image–caption pairs (LAION/CC/SBU), with a brief
-   "describe the image" instruction: the visual tokens learn to live in the language model's embedding space.
-2. **Visual instruction tuning** — projector **and** language model learn on instruction-following data: 158 K
-   conversations, detailed descriptions and reasoning questions that a *text-only* GPT-4 wrote from each COCO
-   image's captions and object boxes (**GPT-assisted instruction data**), plus academic VQA sets in v1.5 (665 K).
-
-Zero-shot captioning is therefore a matter of *asking well*: the instruction selects which of the learned answer
-styles comes out, and the generation config (greedy, beam search, sampling, length limits) shapes it. This notebook
-sweeps both on the P1 validation images and scores every setting with CIDEr and CLIPScore.
-
-On the **demo profile** the model is a stand-in built the same way (`hw3lib/demo/llava_standin.py`): the stand-in
-CLIP's image tower converted into a transformers `CLIPVisionModel`, a small Llama pre-trained on the world's text,
-then stage 1 (projector only, captions) and stage 2 (projector + LM, five instruction styles: one-sentence caption,
-short phrase, detailed description, a colours question, a count question). It loads with the same
-`LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` calls as the real model.
-"""),
-("parameters", """
+# %% tags=["parameters"]
 data_root = "data/demo/hw3_data"  # hw3_data root (p1_data/ inside)
 llava_model = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
 llava_instructions = {"one sentence": "Describe this image in one sentence.", "short caption": "Write a short caption for this image.", "few words": "Describe the image in a few words.", "detailed": "Describe the image in detail.", "question": "What is in this picture?"}  # name -> instruction
@@ -43,8 +41,8 @@ clip_model = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a
 clip_pretrained = ""  # "openai" for the real CLIP; "" for a folder
 llava_num_show = 4  # images whose captions are shown for every setting
 output_dir = "outputs/demo"  # set by `hw3 run`
-"""),
-("code", """
+
+# %%
 import json
 import shutil
 from pathlib import Path
@@ -71,11 +69,11 @@ records = records[: P.llava_num_images] if P.llava_num_images else records
 references = {r.file_id: list(r.references) for r in records}
 print(f"{len(records)} p1 val images, {len(P.llava_instructions)} instructions x {len(generations)} generation "
       f"configs = {len(P.llava_instructions) * len(generations)} settings")
-"""),
-("md", """
-## The model
-"""),
-("code", """
+
+# %% [markdown]
+# ## The model
+
+# %%
 model, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
 cfg = model.config
 parts = {"vision tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
@@ -85,15 +83,15 @@ display(Markdown(viz.markdown_table([{"part": k, "parameters": sum(p.numel() for
 fig = viz.llava_data_flow(cfg, next(iter(P.llava_instructions.values())))
 fig.savefig(out / "figures/01_llava_data_flow.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## The prompt, and where the image sits in it
 
-The processor's chat template writes the conversation; the processor then expands the single `<image>`
-placeholder into one token per visual token. Where those tokens are is read from `input_ids` (the image token id),
-never assumed: it moves with the instruction, the padding of a batch and the processor version.
-"""),
-("code", """
+# %% [markdown]
+# ## The prompt, and where the image sits in it
+#
+# The processor's chat template writes the conversation; the processor then expands the single `<image>`
+# placeholder into one token per visual token. Where those tokens are is read from `input_ids` (the image token id),
+# never assumed: it moves with the instruction, the padding of a batch and the processor version.
+
+# %%
 prompt = build_prompt(processor, next(iter(P.llava_instructions.values())))
 enc = processor(images=[load_image(records[0].image_path)], text=[prompt], return_tensors="pt")
 start, stop = image_token_span(enc["input_ids"][0], cfg.image_token_id)
@@ -104,15 +102,15 @@ print(f"{len(ids)} tokens; image tokens at [{start}, {stop}) = {stop - start} po
       f"pixel_values {tuple(enc['pixel_values'].shape)}")
 print("before:", tok.convert_ids_to_tokens(ids[:start]))
 print("after: ", tok.convert_ids_to_tokens(ids[stop:]))
-"""),
-("md", """
-## The sweep: instructions × generation configs
 
-Every setting captions the same images in batches (left padding; `hw3 llava-caption` is the same code) and is
-scored with CIDEr and CLIPScore; on the demo profile also with **caption accuracy** (the caption names exactly the
-scene's (colour, shape) objects). Finished settings are reused when the notebook runs again with the same values.
-"""),
-("code", """
+# %% [markdown]
+# ## The sweep: instructions × generation configs
+#
+# Every setting captions the same images in batches (left padding; `hw3 llava-caption` is the same code) and is
+# scored with CIDEr and CLIPScore; on the demo profile also with **caption accuracy** (the caption names exactly the
+# scene's (colour, shape) objects). Finished settings are reused when the notebook runs again with the same values.
+
+# %%
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
 sidecar = root / "p1_data/val_objects.json"
 objects = None
@@ -126,31 +124,31 @@ rows = sweep(model, processor, records, P.llava_instructions, generations, out /
 columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length"] + (
     ["caption_accuracy"] if objects else []) + ["seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
-"""),
-("code", """
+
+# %%
 fig = viz.sweep_plot(rows)
 fig.savefig(out / "figures/01_sweep.png", dpi=110)
 plt.show()
-"""),
-("md", """
-## What each setting writes
-"""),
-("code", """
+
+# %% [markdown]
+# ## What each setting writes
+
+# %%
 predictions = {r["name"]: json.loads(Path(r["predictions"]).read_text()) for r in rows}
 shown = records[: P.llava_num_show]
 fig = viz.image_grid(shown, captions=[" / ".join(r.references[:1]) for r in shown])
 plt.show()
 for rec in shown:
     table = [{"setting": name, "caption": pred[rec.file_id]} for name, pred in predictions.items()]
-    display(Markdown(f"**{rec.file_id}** — a reference: *{rec.references[0]}*\\n\\n" + viz.markdown_table(table)))
-"""),
-("md", """
-## The best setting
+    display(Markdown(f"**{rec.file_id}** — a reference: *{rec.references[0]}*\n\n" + viz.markdown_table(table)))
 
-Chosen by CIDEr (the course's primary metric); its predictions become `p1_predictions.json`, the file the course's
-`hw3_1.sh` must produce, and its settings are recorded for the attention notebook.
-"""),
-("code", """
+# %% [markdown]
+# ## The best setting
+#
+# Chosen by CIDEr (the course's primary metric); its predictions become `p1_predictions.json`, the file the course's
+# `hw3_1.sh` must produce, and its settings are recorded for the attention notebook.
+
+# %%
 best = max(rows, key=lambda r: r["cider"])
 shutil.copyfile(best["predictions"], out / "p1_predictions.json")
 keep = ["instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore", "mean_length",
@@ -165,12 +163,10 @@ if "detailed" in by_name and "one sentence" in by_name:
           f"mean length {d['mean_length']:.1f} vs {s['mean_length']:.1f} words")
 save_metrics(out, "llava", summary)
 summary["best"]
-"""),
-("md", """
-**Reading the table.** CIDEr rewards the n-grams the references use, weighted by how specific they are, and its
-Gaussian length penalty punishes captions much longer or shorter than the references. A detailed description can
-name every object correctly (high caption accuracy, good CLIPScore) and still score a low CIDEr, because its
-wording and length are not the references'. Questions the model answers with something other than a caption
-(a list, a count) score worst. This is the effect the HW3 reports found on COCO with the real LLaVA.
-"""),
-]
+
+# %% [markdown]
+# **Reading the table.** CIDEr rewards the n-grams the references use, weighted by how specific they are, and its
+# Gaussian length penalty punishes captions much longer or shorter than the references. A detailed description can
+# name every object correctly (high caption accuracy, good CLIPScore) and still score a low CIDEr, because its
+# wording and length are not the references'. Questions the model answers with something other than a caption
+# (a list, a count) score worst. This is the effect the HW3 reports found on COCO with the real LLaVA.

@@ -1,17 +1,15 @@
-NAME = "03_evaluate.ipynb"
-CELLS = [
-("md", """
-# 03 · Evaluating the captioner (P2)
+# %% [markdown]
+# # 03 · Evaluating the captioner (P2)
+#
+# Caption the validation split with the best adapter of notebook 02 and score it exactly as the course's
+# `evaluate.py` does: **CIDEr-D** (pycocoevalcap, PTB-tokenised, over the whole set) and **CLIPScore**
+# `2.5 · max(cos(image, text), 0)` averaged over images. Per-image CLIPScores are saved for notebook 05.
+#
+# Two references keep the numbers honest: a **baseline** that gives every image the single most common training
+# caption (what CIDEr awards for knowing the phrasing but not the image), and — on the demo profile, where the scenes
+# are known — **caption accuracy**: the fraction of images whose caption names exactly the right (colour, shape) set.
 
-Caption the validation split with the best adapter of notebook 02 and score it exactly as the course's
-`evaluate.py` does: **CIDEr-D** (pycocoevalcap, PTB-tokenised, over the whole set) and **CLIPScore**
-`2.5 · max(cos(image, text), 0)` averaged over images. Per-image CLIPScores are saved for notebook 05.
-
-Two references keep the numbers honest: a **baseline** that gives every image the single most common training
-caption (what CIDEr awards for knowing the phrasing but not the image), and — on the demo profile, where the scenes
-are known — **caption accuracy**: the fraction of images whose caption names exactly the right (colour, shape) set.
-"""),
-("parameters", """
+# %% tags=["parameters"]
 data_root = "data/demo/hw3_data"  # hw3_data root
 adapter = ""  # trained adapter (.safetensors); "": the best of notebook 02 in output_dir/p2/main/
 num_beams = 3  # 1: greedy
@@ -23,8 +21,8 @@ clip_model = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a
 clip_pretrained = ""  # "openai" for the real CLIP; "" for a folder
 num_show = 8  # example captions shown
 output_dir = "outputs/demo"  # set by `hw3 run`
-"""),
-("code", """
+
+# %%
 import json
 from collections import Counter
 from pathlib import Path
@@ -48,21 +46,21 @@ root, out = Path(P.data_root), Path(P.output_dir)
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
 gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
                        no_repeat_ngram_size=P.no_repeat_ngram_size)
-"""),
-("md", """
-## Caption the validation images
 
-The same call as `hw3 caption IMAGES OUT.json DECODER --adapter ADAPTER` (the course's `hw3_2.sh`).
-"""),
-("code", """
+# %% [markdown]
+# ## Caption the validation images
+#
+# The same call as `hw3 caption IMAGES OUT.json DECODER --adapter ADAPTER` (the course's `hw3_2.sh`).
+
+# %%
 model, encoder_model, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 val = load_split(root / "p2_data/val.json", root / "p2_data/images/val")
 predictions = caption_folder(model, encoder_model, transform, root / "p2_data/images/val", gen, P.batch_size)
 predictions = {r.file_id: predictions[r.file_id] for r in val}
 write_json_atomic(out / "p2_val_predictions.json", predictions)
 print(f"{len(predictions)} captions -> {out / 'p2_val_predictions.json'}")
-"""),
-("code", """
+
+# %%
 references = {r.file_id: list(r.references) for r in val}
 score, per_cider = cider(predictions, references)
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
@@ -77,11 +75,11 @@ summary = {"cider": score, "clipscore": clip_mean, "baseline_cider": baseline,
 display(Markdown(viz.markdown_table([{"captions": "the adapter", "CIDEr": score, "CLIPScore": clip_mean},
                                     {"captions": f"baseline: '{common}' for every image", "CIDEr": baseline,
                                      "CLIPScore": float("nan")}])))
-"""),
-("md", """
-## Caption accuracy (demo profile)
-"""),
-("code", """
+
+# %% [markdown]
+# ## Caption accuracy (demo profile)
+
+# %%
 sidecar = root / "p2_data/val_objects.json"
 if sidecar.is_file():
     from hw3lib.demo.world import caption_accuracy, load_objects, parse_caption
@@ -98,25 +96,25 @@ if sidecar.is_file():
     wrong = [k for k, ok in per_image.items() if not ok][:5]
     for k in wrong:
         truth = sorted((o["color"], o["shape"]) for o in objects[k])
-        print(f"{k}: {predictions[k]!r}\\n    names {sorted(parse_caption(predictions[k]))}, truth {truth}")
+        print(f"{k}: {predictions[k]!r}\n    names {sorted(parse_caption(predictions[k]))}, truth {truth}")
 else:
     print("not the shapes world: no ground truth for caption accuracy")
-"""),
-("md", """
-## Caption lengths and examples
-"""),
-("code", """
+
+# %% [markdown]
+# ## Caption lengths and examples
+
+# %%
 fig = viz.caption_lengths({"predictions": list(predictions.values()),
                            "references": [c for cs in references.values() for c in cs]})
 fig.savefig(out / "figures/03_caption_lengths.png", dpi=110)
 plt.show()
 shown = val[: P.num_show]
-fig = viz.image_grid(shown, captions=[f"{predictions[r.file_id]}\\nCLIPScore {per_clip[r.file_id]:.2f}"
+fig = viz.image_grid(shown, captions=[f"{predictions[r.file_id]}\nCLIPScore {per_clip[r.file_id]:.2f}"
                                       for r in shown])
 fig.savefig(out / "figures/03_examples.png", dpi=110)
 plt.show()
-"""),
-("code", """
+
+# %%
 training_file = out / "metrics/captioner_training.json"
 training = json.loads(training_file.read_text()) if training_file.is_file() else {}
 summary["variants"] = training.get("variants", [])
@@ -124,5 +122,3 @@ summary["generation"] = {"num_beams": P.num_beams, "max_new_tokens": P.max_new_t
                          "length_penalty": P.length_penalty, "no_repeat_ngram_size": P.no_repeat_ngram_size}
 save_metrics(out, "captioner", summary)
 {k: v for k, v in summary.items() if k != "variants"}
-"""),
-]

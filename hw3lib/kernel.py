@@ -1,0 +1,84 @@
+"""The workbook's Jupyter kernel, ``hw3`` ("HW3 workbook"), and the command that opens the workbook in JupyterLab.
+
+The kernel is this environment's Python, started in the workbook's root folder: the notebooks' default paths
+(``data/demo/hw3_data``, ``outputs/demo``) are relative to it, exactly as under ``hw3 run``, whichever folder a
+front end starts kernels in. The notebooks' kernelspec names it, so JupyterLab picks it without asking.
+
+  python -m hw3lib.kernel --install      register it (the set-up does: for this environment and this user)
+  python -m hw3lib.kernel -f CONN.json   what a front end runs (the kernelspec's argv)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+NAME = "hw3"
+DISPLAY_NAME = "HW3 workbook"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec() -> dict:
+    return {"argv": [sys.executable, "-m", "hw3lib.kernel", "-f", "{connection_file}"],
+            "display_name": DISPLAY_NAME, "language": "python", "metadata": {"debugger": True}}
+
+
+def install(user: bool) -> Path:
+    """Register the kernel for this environment (``sys.prefix``) or for this user (what a JupyterLab installed
+    elsewhere sees). Returns the kernelspec's folder."""
+    from ipykernel.kernelspec import RESOURCES
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / NAME
+        folder.mkdir()
+        for logo in Path(RESOURCES).glob("logo-*.png"):  # the Python logos in the launcher
+            shutil.copy(logo, folder)
+        (folder / "kernel.json").write_text(json.dumps(spec(), indent=1))
+        where = KernelSpecManager().install_kernel_spec(str(folder), NAME, user=user,
+                                                        prefix=None if user else sys.prefix)
+    return Path(where)
+
+
+def installed() -> Path | None:
+    """The folder of the ``hw3`` kernelspec that Jupyter would use, if it starts this Python."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        found = KernelSpecManager().get_kernel_spec(NAME)
+    except NoSuchKernel:
+        return None
+    return Path(found.resource_dir) if found.argv[:1] == [sys.executable] else None
+
+
+def lab(port: int | None, open_browser: bool, extra: list[str]) -> None:
+    """Replace this process with JupyterLab on 127.0.0.1 (token login), rooted at the workbook, notebooks open."""
+    if installed() is None:
+        install(user=False)
+    argv = [sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={ROOT}",
+            "--LabApp.default_url=/lab/tree/notebooks"]
+    argv += [f"--ServerApp.port={port}"] if port else []
+    argv += [] if open_browser else ["--no-browser"]
+    argv += ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # containers run as root
+    os.execv(sys.executable, argv + extra)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--install"]:
+        for user in (False, True):
+            try:
+                print(f"kernel {NAME!r} ({DISPLAY_NAME}) -> {install(user)}")
+            except OSError as e:  # a read-only home: the environment's own JupyterLab still sees the first one
+                print(f"kernel {NAME!r}: not registered for this user ({e})", file=sys.stderr)
+        return
+    os.chdir(ROOT)
+    from ipykernel import kernelapp
+
+    kernelapp.launch_new_instance(argv=argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
