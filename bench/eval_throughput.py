@@ -2,6 +2,11 @@
 
     python bench/eval_throughput.py [--captions 2000] [--device cpu|cuda] [--json OUT.json]
 
+On a GPU, CLIP runs in fp16 (as the course's ``clip.load``) with images decoded in DataLoader workers, while CIDEr's
+PTB tokenizer runs in a thread beside it (:func:`hw3lib.metrics.evaluate`). The run also scores the same pairs in
+fp32 and reports the difference of the means: on the random-weight B/32 here, and on the demo's trained stand-in
+CLIP over its 300 p2 val images when ``--demo-clip`` names it.
+
 CLIPScore uses the CLIP ViT-B/32 architecture (open_clip ``ViT-B-32-quickgelu``) with random weights: weights do
 not change speed. The data are COCO-size JPEGs (640 x 480) with 5 references each and one prediction per image,
 written on the spot. Timed: reading the files, CIDEr-D (pycocoevalcap's PTB tokenizer: Java when installed) and
@@ -35,6 +40,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--json", default="")
+    ap.add_argument("--workers", type=int, default=None, help="decoding workers (default: ClipConfig's)")
+    ap.add_argument("--precision", default="auto", help="auto (the course's: fp16 on a GPU), fp16 or fp32")
+    ap.add_argument("--demo-clip", default="", help="the stand-in CLIP folder (data/demo/models/clip)")
+    ap.add_argument("--demo-images", default="data/demo/hw3_data/p2_data", help="its p2_data folder")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -48,11 +57,21 @@ def main() -> None:
     write_json_atomic(tmp / "pred.json", pred)
     print(f"{args.captions} JPEGs 640x480, 5 references each, in {time.time() - t0:.1f}s", flush=True)
 
+    torch.manual_seed(0)
     scorer = ClipScorer(ClipConfig(model="ViT-B-32-quickgelu", pretrained=None, device=args.device,
-                                   batch_size=args.batch_size))
+                                   batch_size=args.batch_size, num_workers=args.workers, precision=args.precision))
+    print(f"CLIP in {scorer.dtype}, {scorer.num_workers} decoding workers", flush=True)
+    evaluate(tmp / "pred.json", p2 / "val.json", p2 / "images" / "val", clip=scorer)  # warm: CUDA, page cache
     t0 = time.time()
     result = evaluate(tmp / "pred.json", p2 / "val.json", p2 / "images" / "val", clip=scorer)
     seconds = time.time() - t0
+    precision = {"random_b32": _fp16_vs_fp32(scorer, pred, p2 / "images" / "val")}
+    if args.demo_clip:
+        demo = ClipScorer(ClipConfig(model=args.demo_clip, pretrained=None, device=args.device))
+        refs = load_annotations(Path(args.demo_images) / "val.json")
+        precision["demo_clip_first_reference"] = _fp16_vs_fp32(demo, {k: v[0] for k, v in refs.items()},
+                                                                Path(args.demo_images) / "images" / "val")
+    print(f"fp16 - fp32 of the mean CLIPScore: {precision}", flush=True)
     # the two halves again, separately, for where the time goes
     t1 = time.time()
     cider(pred, load_annotations(p2 / "val.json"))
@@ -62,11 +81,24 @@ def main() -> None:
     t_clip = time.time() - t1
     out = {"device": name, "torch": torch.__version__, "java": java_available(), "captions": args.captions,
            "seconds": seconds, "captions_per_s": args.captions / seconds, "cider_seconds": t_cider,
-           "clipscore_seconds": t_clip, "cider": result["cider"], "clipscore": result["clipscore"]}
+           "clipscore_seconds": t_clip, "cider": result["cider"], "clipscore": result["clipscore"],
+           "clip_dtype": str(scorer.dtype), "clip_workers": scorer.num_workers, "fp16_vs_fp32": precision}
     print(f"evaluate: {args.captions} captions in {seconds:.1f}s ({args.captions / seconds:.1f} captions/s), "
           f"CIDEr + CLIPScore end to end; separately CIDEr {t_cider:.1f}s, CLIPScore {t_clip:.1f}s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def _fp16_vs_fp32(scorer: ClipScorer, pred: dict, image_dir: Path) -> dict:
+    """The mean CLIPScore of the same pairs with the model in fp16 and in fp32, and the largest per-pair gap."""
+    out = {}
+    for dtype in (torch.float16, torch.float32):
+        scorer.model.to(dtype)
+        scorer.dtype = dtype
+        out[str(dtype).removeprefix("torch.")] = clip_score(scorer, pred, image_dir)
+    (m16, p16), (m32, p32) = out["float16"], out["float32"]
+    return {"mean_fp16": m16, "mean_fp32": m32, "difference": m16 - m32,
+            "max_pair_difference": max(abs(p16[k] - p32[k]) for k in p32), "pairs": len(p32)}
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hw3lib.data import list_images, load_image  # noqa: E402
-from hw3lib.llava import (REAL_MODEL_ID, LlavaGeneration, build_prompt, caption_records,  # noqa: E402
-                          load_llava)
+from hw3lib.llava import LlavaGeneration, build_prompt, caption_records  # noqa: E402
+from hw3lib.rehearsal.weights import random_llava  # noqa: E402
 
 PEAKS = {  # dense bf16 TFLOP/s, HBM TB/s (SXM parts)
     "H100": (989.0, 3.35),
@@ -124,7 +124,7 @@ def main() -> None:
     print(f"{len(records)} JPEGs 640x480 in {time.time() - t0:.1f}s", flush=True)
 
     t0 = time.time()
-    model, processor = load_llava(REAL_MODEL_ID, device="cuda", random_weights=True, processor_from=args.processor)
+    model, processor = random_llava(args.processor, device="cuda")
     params = sum(p.numel() for p in model.parameters())
     print(f"llava-1.5-7b architecture, random bf16 weights: {params / 1e9:.2f} B parameters "
           f"({time.time() - t0:.1f}s to build)", flush=True)

@@ -1,5 +1,6 @@
 """Attention of generated words over the image patches (P3): words from sub-word tokens, layer / head
-aggregation, the image as the model saw it, upsampling, and *pointing accuracy* on the shapes world.
+aggregation, the image as the model saw it, upsampling, and the choice of the layer to show. Pointing accuracy,
+which needs the shapes world's ground truth, is in :mod:`hw3lib.demo.pointing`.
 
 Both models give, for every generated token, the attention of the query that produced it over the visual tokens,
 as an array ``(T, layers, heads, rows, cols)`` over the patch grid (row-major, as the encoder saw the image after
@@ -7,12 +8,10 @@ its resize + centre crop): :func:`hw3lib.llava.attention_maps` and :func:`captio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
 WORD_START = (" ", "\u0120", "\u2581")  # a space, GPT-2 byte-level BPE's "Ġ", SentencePiece's "▁"
 
@@ -93,92 +92,6 @@ def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=Non
     return results
 
 
-# ------------------------------------------------------------------------------------------ pointing accuracy
-@dataclass
-class Pointing:
-    hits: int = 0
-    total: int = 0
-    chance_sum: float = 0.0
-
-    def add(self, hit: bool, chance: float) -> None:
-        self.hits += int(hit)
-        self.total += 1
-        self.chance_sum += chance
-
-    @property
-    def accuracy(self) -> float:
-        return self.hits / self.total if self.total else float("nan")
-
-    @property
-    def chance(self) -> float:
-        return self.chance_sum / self.total if self.total else float("nan")
-
-
-def _singular(word: str) -> str:
-    w = word.lower().strip(".,;:!?\"'()")
-    return w[:-1] if w.endswith("s") and w[:-1] in {"circle", "square", "triangle", "star"} else w
-
-
-def attribute_words(words: list[str], colors, shapes) -> list[tuple[int, str, str]]:
-    """``(index, "color" | "shape", value)`` for every colour or shape word."""
-    out = []
-    for i, w in enumerate(words):
-        s = _singular(w)
-        if s in colors:
-            out.append((i, "color", s))
-        elif s in shapes:
-            out.append((i, "shape", s))
-    return out
-
-
-def hit_region(labels: np.ndarray, objects: list[dict], attribute: str, value: str, radius: float) -> np.ndarray:
-    """Pixels within ``radius`` of an object that has ``attribute == value`` (``labels``: 0 background, k object
-    k - 1, at the model's view)."""
-    ks = [k + 1 for k, o in enumerate(objects) if o[attribute] == value]
-    mask = np.isin(labels, ks)
-    if not mask.any() or radius <= 0:
-        return mask
-    size = 2 * int(round(radius)) + 1
-    img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))
-    return np.asarray(img) > 0
-
-
-def point(word_map: np.ndarray, region: np.ndarray) -> tuple[bool, float]:
-    """Is the peak patch's centre inside ``region``; and the chance rate: the fraction of patch centres inside it."""
-    rows, cols = word_map.shape
-    h, w = region.shape
-    ys = ((np.arange(rows) + 0.5) * h / rows).astype(int)
-    xs = ((np.arange(cols) + 0.5) * w / cols).astype(int)
-    inside = region[np.ix_(ys, xs)]
-    r, c = np.unravel_index(int(np.argmax(word_map)), word_map.shape)
-    return bool(inside[r, c]), float(inside.mean())
-
-
-def view_labels(labels: np.ndarray, size: int, crop_pct: float = 1.0) -> np.ndarray:
-    """A label map brought to the model's view (same crop as :func:`model_view`, nearest neighbour)."""
-    img = Image.fromarray(labels.astype(np.uint8))
-    return np.asarray(img.resize((size, size), Image.NEAREST, box=crop_box(*img.size, size, crop_pct)))
-
-
-def pointing_by_layer(items: list[dict], colors, shapes, radius: float, heads: int | str = "mean"
-                      ) -> dict[str, Pointing]:
-    """Pointing accuracy per layer (and over the mean of the layers) for captioned images.
-
-    Each item: ``words``, ``maps`` ``(W, L, H, rows, cols)`` (one map per word), ``objects`` (the sidecar list) and
-    ``labels`` (the label map at the model's view). Every colour or shape word counts; a word naming an attribute
-    that no object has is a miss (chance 0 for it)."""
-    n_layers = items[0]["maps"].shape[1] if items else 0
-    table = {str(layer): Pointing() for layer in range(n_layers)}
-    table["mean"] = Pointing()
-    for it in items:
-        for i, attribute, value in attribute_words(it["words"], colors, shapes):
-            region = hit_region(it["labels"], it["objects"], attribute, value, radius)
-            for layer in [*range(n_layers), "mean"]:
-                word_map = aggregate(it["maps"][i : i + 1], layer, heads)[0]
-                table[str(layer)].add(*point(word_map, region))
-    return table
-
-
 # ------------------------------------------------------------------------------------------ both models, per image
 def captioner_entries(model, encoder, transform, records, gen=None, batch_size: int = 64, device=None) -> list[dict]:
     """Caption ``records`` with the P2 captioner and return, per image, what the figures and the pointing score
@@ -186,9 +99,8 @@ def captioner_entries(model, encoder, transform, records, gen=None, batch_size: 
     image as the encoder saw it), ``size``, ``crop_pct``, ``patch_px`` (one encoder patch in view pixels)."""
     from timm.data import resolve_data_config
 
-    from .captioner import encoder_grid
+    from .captioner import encoder_grid, extract_features
     from .data import load_image
-    from .train import extract_features
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     feats = extract_features(encoder, transform, records, model.cfg.encoder, batch_size, device)
@@ -233,7 +145,18 @@ def llava_entries(model, processor, records, instruction: str, generation=None) 
     return entries
 
 
-def pointing_items(entries: list[dict], objects: dict[str, list[dict]], masks: dict[str, np.ndarray]) -> list[dict]:
-    """Entries joined with the shapes world's ground truth (label maps brought to each model's view)."""
-    return [{"words": e["words"], "maps": e["maps"], "objects": objects[e["file_id"]],
-             "labels": view_labels(masks[e["file_id"]], e["size"], e["crop_pct"])} for e in entries]
+def choose_layer(setting: int | str, n_layers: int, accuracy: dict[str, float] | None = None) -> int | str:
+    """The layer to draw: ``"best"`` (the highest pointing ``accuracy`` by layer label, when measured; else the
+    last layer), ``"mean"`` (over the layers), or an index (``3``, ``"3"``, ``-1``)."""
+    if setting == "best":
+        per_layer = {k: v for k, v in (accuracy or {}).items() if k != "mean"}
+        return int(max(per_layer, key=per_layer.get)) if per_layer else n_layers - 1
+    if setting == "mean":
+        return "mean"
+    try:
+        index = int(setting)
+    except ValueError:
+        raise ValueError(f"attention_layer {setting!r}: expected 'best', 'mean' or a layer index") from None
+    if not -n_layers <= index < n_layers:
+        raise ValueError(f"attention_layer {index}: the model has {n_layers} layers")
+    return index % n_layers

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .data import DataError, atomic_path, read_json
+from .data import DataError, ImageDataset, Record, atomic_path, list_images, read_json
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
 
@@ -426,6 +427,21 @@ def count_check(model: Captioner, limit: int = 10_000_000) -> int:
     return n
 
 
+def parameter_groups(model: Captioner, encoder=None) -> list[dict]:
+    """Rows ``{group, parameters}``: the trainable ones by part (projection, LoRA of each target), their total,
+    and the frozen rest (GPT-2, and the encoder when given)."""
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = "projection" if name.startswith(("proj.", "visual_norm.")) else "LoRA " + name.split(".")[-3]
+            groups[key] = groups.get(key, 0) + p.numel()
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen += sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
+    return ([{"group": k, "parameters": v} for k, v in groups.items()]
+            + [{"group": "**trainable**", "parameters": model.trainable_parameters()},
+               {"group": "frozen (ViT + GPT-2)" if encoder is not None else "frozen (GPT-2)", "parameters": frozen}])
+
+
 def paths_for(data_root: str | Path) -> dict[str, str]:
     """The course files of a ``hw3_data`` root: decoder checkpoint and tokenizer."""
     p2 = Path(data_root) / "p2_data"
@@ -434,13 +450,36 @@ def paths_for(data_root: str | Path) -> dict[str, str]:
 
 
 @torch.no_grad()
-def caption_folder(model: Captioner, encoder, transform, images_dir: str | Path,
+def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_size: int = 64, device="cpu",
+                     num_workers: int = 0, desc: str = "encoder features") -> torch.Tensor:
+    """Run the frozen encoder once over ``records``: (N, V, D) features in float16 on the CPU."""
+    loader = torch.utils.data.DataLoader(ImageDataset(records, transform), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    encoder.to(device).eval()
+    out = []
+    with tqdm(loader, desc=desc, leave=False) as bar:
+        for pixel_values, _ in bar:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+                out.append(encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half().cpu())
+    return torch.cat(out)
+
+
+def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationConfig, batch_size: int = 64,
+                     device="cpu") -> list[str]:
+    """Captions for pre-computed features, batched."""
+    model.eval()
+    out = []
+    for i in range(0, len(features), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            out.extend(model.generate(features[i : i + batch_size].to(device), gen).captions)
+    return out
+
+
+@torch.no_grad()
+def caption_images(model: Captioner, encoder, transform, images_dir: str | Path,
                    gen: GenerationConfig = GenerationConfig(), batch_size: int = 64, device: str | None = None,
                    num_workers: int = 0) -> dict[str, str]:
-    """``{file id: caption}`` for every image of a folder (the course's hw3_2.sh output)."""
-    from .data import list_images
-    from .train import caption_features, extract_features
-
+    """``{file id: caption}`` for every image of a folder (what the course's hw3_2.sh writes)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = list_images(images_dir)
     feats = extract_features(encoder, transform, records, model.cfg.encoder, batch_size, device, num_workers)

@@ -57,15 +57,11 @@ LEARNING_RATE = _in_range(0.0, float("inf"), low_open=True, high_open=True)
 
 
 def _cmd_run(args) -> int:
-    from .workbook import ConfigError, WorkbookConfig, WorkbookError, run
+    from .workbook import WorkbookConfig, run
 
-    try:
-        cfg = WorkbookConfig.load(args.config)
-        cfg.override(args.parameters or [])
-        run(cfg, only=args.only, html=not args.no_html)
-    except WorkbookError as e:  # the config is wrong (2, before any work), or a notebook failed (1)
-        print(f"hw3 run: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    cfg = WorkbookConfig.load(args.config)
+    cfg.override(args.parameters or [])
+    run(cfg, only=args.only, html=not args.no_html)
     return 0
 
 
@@ -96,10 +92,13 @@ def _cmd_evaluate(args) -> int:
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-beams", type=POSITIVE, default=1, help="1 = greedy")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=30)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=0)
+    from .captioner import GenerationConfig
+
+    g = GenerationConfig()
+    p.add_argument("--num-beams", type=POSITIVE, default=g.num_beams, help="1 = greedy")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=g.max_new_tokens)
+    p.add_argument("--length-penalty", type=float, default=g.length_penalty)
+    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=g.no_repeat_ngram_size)
 
 
 def _gen(args):
@@ -145,13 +144,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_caption(args) -> int:
-    from .captioner import caption_folder, load_adapter
+    from .captioner import caption_images, load_adapter
     from .data import check_output_file, list_images, write_json_atomic
 
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)  # the folder and its images, before the model loads
     model, encoder, transform = load_adapter(args.adapter, decoder_checkpoint=args.decoder)
-    pred = caption_folder(model, encoder, transform, args.images, _gen(args), batch_size=args.batch_size)
+    pred = caption_images(model, encoder, transform, args.images, _gen(args), batch_size=args.batch_size)
     write_json_atomic(out, pred)
     print(f"{len(pred)} captions -> {out}")
     return 0
@@ -168,8 +167,12 @@ def _cmd_llava_caption(args) -> int:
                           repetition_penalty=args.repetition_penalty, seed=args.seed, cache=args.cache)
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)
-    model, processor = load_llava(args.model, device=args.device, random_weights=args.random_weights,
-                                  processor_from=args.processor, load_in_4bit=args.load_in_4bit)
+    if args.random_weights:  # the 7B architecture, random: its speed without the download
+        from .rehearsal.weights import random_llava
+
+        model, processor = random_llava(args.processor or args.model, device=args.device or "cuda")
+    else:
+        model, processor = load_llava(args.model, device=args.device, load_in_4bit=args.load_in_4bit)
     run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          first_sentence=args.first_sentence, model_name=str(args.model))
@@ -184,18 +187,14 @@ def _cmd_download(args) -> int:
 
     from . import hub
 
+    from .data import DataError
+
     try:
         params = yaml.safe_load(Path(args.config).read_text())["parameters"]
         names = {k: str(params[k]) for k in ("llava_model", "encoder", "clip_model", "clip_pretrained")}
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        print(f"hw3 download: {args.config}: cannot read the model names ({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
-    try:
-        plan = hub.download_plan(names["llava_model"], names["encoder"], names["clip_model"],
-                                 names["clip_pretrained"])
-    except hub.ModelNotAvailable as e:
-        print(f"hw3 download: {e}", file=sys.stderr)
-        return 2
+        raise DataError(f"{args.config}: cannot read the model names ({type(e).__name__}: {e})") from None
+    plan = hub.download_plan(names["llava_model"], names["encoder"], names["clip_model"], names["clip_pretrained"])
     print(f"the models that {args.config} names, into the Hugging Face cache {hub.hub_cache_dir()}:")
     for item in plan:
         size = "cached" if item.cached else "size unknown (offline)" if item.size is None else \
@@ -250,7 +249,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (`{self.prog} -h` lists the options)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The options' defaults are those of the dataclasses that the commands fill (one source for each). Only
+    ``command``'s options are added (all when None): a command imports no model code that it does not use."""
+    def want(name: str) -> bool:
+        return command is None or command == name
+
     p = _Parser(prog="hw3", description="The HW3 captioning workbook")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -270,81 +274,102 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo_data)
 
     e = sub.add_parser("evaluate", help="CIDEr and CLIPScore of a predictions JSON (the course's evaluate.py)")
-    e.add_argument("--pred", required=True, help="predictions JSON {file id: caption}")
-    e.add_argument("--annotation", required=True, help="COCO captions JSON with the references")
-    e.add_argument("--images", required=True, help="folder of the images")
-    e.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="open_clip name or a local CLIP folder")
-    e.add_argument("--clip-pretrained", default="openai", help="open_clip tag or checkpoint file ('' for none)")
-    e.add_argument("--batch-size", type=POSITIVE, default=64)
-    e.add_argument("--json", action="store_true", help="print one machine-readable JSON line")
+    if want("evaluate"):
+        from .metrics import ClipConfig
+
+        clip = ClipConfig()
+        e.add_argument("--pred", required=True, help="predictions JSON {file id: caption}")
+        e.add_argument("--annotation", required=True, help="COCO captions JSON with the references")
+        e.add_argument("--images", required=True, help="folder of the images")
+        e.add_argument("--clip-model", default=clip.model, help="open_clip name or a local CLIP folder")
+        e.add_argument("--clip-pretrained", default=clip.pretrained,
+                       help="open_clip tag or checkpoint file ('' for none)")
+        e.add_argument("--batch-size", type=POSITIVE, default=clip.batch_size)
+        e.add_argument("--json", action="store_true", help="print one machine-readable JSON line")
     e.set_defaults(func=_cmd_evaluate)
 
     t = sub.add_parser("train", help="train the P2 LoRA captioner on a hw3_data root")
-    t.add_argument("--data-root", default="hw3_data", help="the hw3_data folder (p2_data/ inside)")
-    t.add_argument("--out", required=True, help="run folder: last.pt (resume), best.safetensors + best.json")
-    t.add_argument("--encoder", default="vit_large_patch14_clip_224.openai_ft_in12k_in1k",
-                   help="timm model name or a local timm folder")
-    t.add_argument("--encoder-checkpoint", default="", help="local weights file for --encoder")
-    t.add_argument("--random-weights", action="store_true", help="encoder without pretrained weights (dry runs)")
-    t.add_argument("--no-cls", action="store_true", help="patch tokens only")
-    t.add_argument("--pool", type=POSITIVE, default=1,
-                   help="average-pool the patch grid by this factor (must divide it)")
-    t.add_argument("--projection", choices=["linear", "mlp"], default="mlp")
-    t.add_argument("--no-visual-norm", action="store_true", help="skip the LayerNorm on visual tokens")
-    t.add_argument("--lora-r", type=POSITIVE, default=16, help="LoRA rank (the assignment requires LoRA: at least 1)")
-    t.add_argument("--lora-alpha", type=POSITIVE, default=32)
-    t.add_argument("--lora-dropout", type=DROPOUT, default=0.0, help="in [0, 1)")
-    t.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_fc"],
-                   choices=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"])
-    t.add_argument("--epochs", type=POSITIVE, default=5)
-    t.add_argument("--batch-size", type=POSITIVE, default=64)
-    t.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
-    t.add_argument("--captions-per-image", type=COUNT, default=0, help="references per image per epoch (0 = all)")
-    t.add_argument("--eval-images", type=POSITIVE, default=None, help="val images captioned each epoch (default: all)")
-    t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default="memory")
-    t.add_argument("--num-workers", type=COUNT, default=4)
-    t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")
-    t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
-    t.add_argument("--clip-pretrained", default="")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
-    t.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
-    _gen_args(t)
+    if want("train"):
+        from .captioner import CaptionerConfig, EncoderConfig
+        from .train import TrainConfig
+
+        enc, cap, tc = EncoderConfig(), CaptionerConfig(), TrainConfig()
+        t.add_argument("--data-root", default="hw3_data", help="the hw3_data folder (p2_data/ inside)")
+        t.add_argument("--out", required=True, help="run folder: last.pt (resume), best.safetensors + best.json")
+        t.add_argument("--encoder", default=enc.name,
+                       help="timm model name or a local timm folder")
+        t.add_argument("--encoder-checkpoint", default="", help="local weights file for --encoder")
+        t.add_argument("--random-weights", action="store_true", help="encoder without pretrained weights (dry runs)")
+        t.add_argument("--no-cls", action="store_true", help="patch tokens only")
+        t.add_argument("--pool", type=POSITIVE, default=enc.pool,
+                       help="average-pool the patch grid by this factor (must divide it)")
+        t.add_argument("--projection", choices=["linear", "mlp"], default=cap.projection)
+        t.add_argument("--no-visual-norm", action="store_true", help="skip the LayerNorm on visual tokens")
+        t.add_argument("--lora-r", type=POSITIVE, default=cap.lora.r,
+                       help="LoRA rank (the assignment requires LoRA: at least 1)")
+        t.add_argument("--lora-alpha", type=POSITIVE, default=cap.lora.alpha)
+        t.add_argument("--lora-dropout", type=DROPOUT, default=cap.lora.dropout, help="in [0, 1)")
+        t.add_argument("--lora-targets", nargs="+", default=list(cap.lora.targets),
+                       choices=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"])
+        t.add_argument("--epochs", type=POSITIVE, default=tc.num_epochs)
+        t.add_argument("--batch-size", type=POSITIVE, default=tc.batch_size)
+        t.add_argument("--lr", type=LEARNING_RATE, default=tc.lr)
+        t.add_argument("--captions-per-image", type=COUNT, default=tc.captions_per_image,
+                       help="references per image per epoch (0 = all)")
+        t.add_argument("--eval-images", type=POSITIVE, default=None,
+                       help="val images captioned each epoch (default: all)")
+        t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default=tc.feature_cache)
+        t.add_argument("--num-workers", type=COUNT, default=tc.num_workers,
+                       help="image-decoding workers (default: 4 on a GPU, 0 on the CPU)")
+        t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")
+        t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
+        t.add_argument("--clip-pretrained", default="")
+        t.add_argument("--seed", type=int, default=tc.seed)
+        t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+        t.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
+        _gen_args(t)
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("caption", help="caption a folder with a trained adapter (the course's hw3_2.sh)")
-    c.add_argument("images", help="folder of images")
-    c.add_argument("out_json", help="predictions JSON to write {file id: caption}")
-    c.add_argument("decoder", help="the course's decoder_model.bin")
-    c.add_argument("--adapter", required=True, help="best.safetensors (with best.json beside it)")
-    c.add_argument("--batch-size", type=POSITIVE, default=64)
-    _gen_args(c)
+    if want("caption"):
+        c.add_argument("images", help="folder of images")
+        c.add_argument("out_json", help="predictions JSON to write {file id: caption}")
+        c.add_argument("decoder", help="the course's decoder_model.bin")
+        c.add_argument("--adapter", required=True, help="best.safetensors (with best.json beside it)")
+        c.add_argument("--batch-size", type=POSITIVE, default=64)
+        _gen_args(c)
     c.set_defaults(func=_cmd_caption)
 
     v = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
-    v.add_argument("images", help="folder of images")
-    v.add_argument("out_json", help="predictions JSON to write {file id: caption}")
-    v.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
-                   help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
-    v.add_argument("--processor", default=None, help="take the processor from here (default: --model)")
-    v.add_argument("--prompt", default="Describe this image in one sentence.", help="the instruction")
-    v.add_argument("--num-beams", type=POSITIVE, default=1)
-    v.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
-    v.add_argument("--top-p", type=TOP_P, default=1.0, help="in (0, 1]")
-    v.add_argument("--max-new-tokens", type=POSITIVE, default=30)
-    v.add_argument("--min-new-tokens", type=COUNT, default=0)
-    v.add_argument("--length-penalty", type=float, default=1.0)
-    v.add_argument("--no-repeat-ngram-size", type=COUNT, default=0)
-    v.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True), default=1.0)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--cache", choices=["dynamic", "static", "static+compile"], default="dynamic",
-                   help="KV cache: static preallocates it (faster decoding on a GPU)")
-    v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
-    v.add_argument("--batch-size", type=POSITIVE, default=16)
-    v.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")
-    v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
-    v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+    if want("llava-caption"):
+        from .llava import DEFAULT_INSTRUCTION, REAL_MODEL_ID, LlavaGeneration
+
+        lg = LlavaGeneration()
+        v.add_argument("images", help="folder of images")
+        v.add_argument("out_json", help="predictions JSON to write {file id: caption}")
+        v.add_argument("--model", default=REAL_MODEL_ID,
+                       help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
+        v.add_argument("--processor", default=None, help="with --random-weights: a local LLaVA folder whose processor "
+                       "drives the random 7B (default: --model)")
+        v.add_argument("--prompt", default=DEFAULT_INSTRUCTION, help="the instruction")
+        v.add_argument("--num-beams", type=POSITIVE, default=lg.num_beams)
+        v.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
+        v.add_argument("--top-p", type=TOP_P, default=lg.top_p, help="in (0, 1]")
+        v.add_argument("--max-new-tokens", type=POSITIVE, default=lg.max_new_tokens)
+        v.add_argument("--min-new-tokens", type=COUNT, default=lg.min_new_tokens)
+        v.add_argument("--length-penalty", type=float, default=lg.length_penalty)
+        v.add_argument("--no-repeat-ngram-size", type=COUNT, default=lg.no_repeat_ngram_size)
+        v.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True),
+                       default=lg.repetition_penalty)
+        v.add_argument("--seed", type=int, default=lg.seed)
+        v.add_argument("--cache", choices=["dynamic", "static", "static+compile"], default=lg.cache,
+                       help="KV cache: static preallocates it (faster decoding on a GPU)")
+        v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
+        v.add_argument("--batch-size", type=POSITIVE, default=16)
+        v.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")
+        v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+        v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
+        v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
     v.set_defaults(func=_cmd_llava_caption)
 
     h = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "
@@ -386,13 +411,18 @@ def _one_line(e: BaseException) -> str:
     text = " ".join(lines[:3]) if lines else type(e).__name__
     from .data import DataError
 
-    known = isinstance(e, (DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    from .workbook import WorkbookError
+
+    known = isinstance(e, (DataError, WorkbookError, FileNotFoundError, PermissionError, IsADirectoryError,
+                           NotADirectoryError))
     return text if known or isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends as one line on stderr and exit status 2 (``HW3_DEBUG=1`` shows the traceback)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
 
     shown = set()
 
@@ -411,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HW3_DEBUG"):
             raise
         print(f"hw3 {args.command}: {_one_line(e)}", file=sys.stderr)
-        return 2
+        from .workbook import ConfigError, WorkbookError
+
+        # 1: a notebook failed (its executed copy holds the traceback); 2: wrong input, before or during the work
+        return 1 if isinstance(e, WorkbookError) and not isinstance(e, ConfigError) else 2
 
 
 if __name__ == "__main__":

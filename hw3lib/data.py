@@ -114,6 +114,13 @@ def load_split(annotation: str | Path, image_dir: str | Path, check_images: bool
     return records
 
 
+def hw3_split(root: str | Path, part: str, split: str = "val") -> list[Record]:
+    """A split of an ``hw3_data`` root by name: ``hw3_split(root, "p2_data", "train")`` reads
+    ``p2_data/train.json`` with ``p2_data/images/train``."""
+    folder = Path(root) / part
+    return load_split(folder / f"{split}.json", folder / "images" / split)
+
+
 def list_images(image_dir: str | Path) -> list[Record]:
     """Records (without references) of every image in a folder, sorted by name."""
     image_dir = Path(image_dir)

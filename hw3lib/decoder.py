@@ -44,6 +44,11 @@ class LoraConfig:
     targets: tuple[str, ...] = ("c_attn",)
     c_attn_qkv: tuple[bool, bool, bool] = (True, False, True)  # q, k, v parts of the fused c_attn (the paper's q, v)
 
+    @staticmethod
+    def parse_targets(text: str) -> tuple[str, ...]:
+        """``"c_attn, c_fc"`` -> ``("c_attn", "c_fc")`` (a notebook parameter is one string)."""
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
 
 def _linear(in_f: int, out_f: int, name: str, lora: LoraConfig | None, bias: bool = True) -> nn.Linear:
     if lora is None or lora.r <= 0 or name not in lora.targets:

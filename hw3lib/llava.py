@@ -91,22 +91,6 @@ def postprocess(text: str, first_sentence: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- loading
-def llava_15_7b_config(image_token_id: int = 32000, vocab_size: int = 32064):
-    """The architecture of llava-1.5-7b (CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B), written out so
-    ``random_weights`` works without the hub."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
-                       image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", pad_token_id=32001)
-
-
 def _check_model_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"{path}: {what} model folder not found (give a folder saved with save_pretrained, or a hub id "
@@ -164,65 +148,37 @@ def _from_pretrained(cls, name: str, cache_only: bool, **kw):
                         f"{first[:300]}") from None
 
 
-def _resize_processor(processor, image_size: int, patch_size: int):
-    ip = processor.image_processor
-    ip.size = {"shortest_edge": image_size}
-    ip.crop_size = {"height": image_size, "width": image_size}
-    processor.patch_size = patch_size
-    return processor
-
-
 def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dtype: torch.dtype | None = None,
-               random_weights: bool = False, processor_from: str | Path | None = None, load_in_4bit: bool = False,
-               attn_implementation: str = "sdpa"):
+               load_in_4bit: bool = False, attn_implementation: str = "sdpa"):
     """``(model, processor)`` ready for :func:`caption_records`.
 
     Args:
         model: a local folder or a hub id (the cache is tried first, so a downloaded model works offline).
         device: ``cuda`` when available, else ``cpu``. dtype: bf16 on CUDA, fp32 on the CPU.
-        random_weights: build the architecture of ``model`` (its config.json, or the built-in llava-1.5-7b one)
-            with random weights -- for benchmarks and dry runs without the 14 GB download.
-        processor_from: where the processor comes from (default: ``model``). With ``random_weights`` its image
-            size and patch size are set to the model's, so a stand-in's tokenizer can drive the 7B architecture.
         load_in_4bit: quantise the language model with bitsandbytes (GPU only).
+
+    Random weights at the real architecture (benchmarks, dry runs) are :func:`hw3lib.rehearsal.weights.random_llava`.
     """
     name = str(model)
-    processor_name, processor_cache_only = _resolve(str(processor_from or name), weights=not random_weights)
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    processor = _from_pretrained(AutoProcessor, processor_name, processor_cache_only)
+    resolved = _resolve(name)  # a folder, or a hub id with its cached files checked (all shards) when offline
+    processor = _from_pretrained(AutoProcessor, *resolved)
     processor.tokenizer.padding_side = "left"
-    if random_weights:
-        if name == REAL_MODEL_ID and processor_from is not None:
-            config = llava_15_7b_config()
-        else:
-            config = _from_pretrained(AutoConfig, *_resolve(name, weights=False))
-        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        if len(processor.tokenizer) > config.text_config.vocab_size:
-            raise ValueError(f"the tokenizer of {processor_from or name} has {len(processor.tokenizer)} tokens, more "
-                             f"than the model's vocabulary ({config.text_config.vocab_size})")
-        config.image_token_id = image_token_id
-        config.text_config.pad_token_id = processor.tokenizer.pad_token_id
-        vc = config.vision_config
-        _resize_processor(processor, vc.image_size, vc.patch_size)
-        config._attn_implementation = attn_implementation
-        with torch.device(device):
-            net = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    else:
-        kw: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
-        if load_in_4bit:
-            try:
-                from transformers import BitsAndBytesConfig
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
-            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
-            kw["device_map"] = {"": device}
-        net = _from_pretrained(LlavaForConditionalGeneration, *_resolve(name), **kw)
-        if not load_in_4bit:
-            net.to(device)
+    kw: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if load_in_4bit:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": device}
+    net = _from_pretrained(LlavaForConditionalGeneration, *resolved, **kw)
+    if not load_in_4bit:
+        net.to(device)
     net.eval()
     return net, processor
 
@@ -381,7 +337,7 @@ def image_token_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int,
     return start, stop
 
 
-def image_grid(model) -> tuple[int, int]:
+def vision_grid(model) -> tuple[int, int]:
     vc = model.config.vision_config
     return vc.image_size // vc.patch_size, vc.image_size // vc.patch_size
 
@@ -426,7 +382,7 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     if generated_ids and generated_ids[-1] == tok.eos_token_id:
         generated_ids = generated_ids[:-1]
     span = image_token_span(enc["input_ids"][0], model.config.image_token_id)
-    rows, cols = image_grid(model)
+    rows, cols = vision_grid(model)
     n_layers = model.config.text_config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else [range(n_layers)[i] for i in layers]
     T = len(generated_ids)
@@ -462,16 +418,16 @@ def _slug(text: str) -> str:
 
 def sweep(model, processor, records: list[Record], instructions: dict[str, str],
           generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
-          scorer=None, objects: dict[str, list[dict]] | None = None, batch_size: int = 16, num_workers: int = 0,
+          scorer=None, extra_scores: dict | None = None, batch_size: int = 16, num_workers: int = 0,
           first_sentence: bool = False, model_name: str = "", progress: bool = True) -> list[dict]:
     """Caption ``records`` once per (instruction, generation) pair and score each setting.
 
     Each setting leaves ``out_dir/<instruction>__<generation>.json`` (the course's predictions format) and a row
     file beside it; a re-run with the same settings reuses both. Rows: ``instruction``, ``generation``, ``cider``,
-    ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is given), ``mean_length`` (words),
-    ``caption_accuracy`` (when the world's ``objects`` are given), ``seconds``, ``images_per_s``, ``predictions``.
+    ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is given), ``mean_length`` (words), ``seconds``,
+    ``images_per_s``, ``predictions``, and one column per ``extra_scores`` entry: ``{column: function of the
+    predictions dict -> float}`` (the demo adds ``caption_accuracy`` from the shapes world's ground truth).
     """
-    from .demo.world import caption_accuracy
     from .metrics import cider, clip_score
 
     out_dir = Path(out_dir)
@@ -500,9 +456,19 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
                    "predictions": str(pred_path)}
             if scorer is not None:
                 row["clipscore"] = clip_score(scorer, pred, image_dir)[0]
-            if objects is not None:
-                row["caption_accuracy"] = caption_accuracy(pred, objects)[0]
+            for column, score in (extra_scores or {}).items():
+                row[column] = score(pred)
             row["settings"] = settings
             write_json_atomic(row_path, row)
             rows.append(row)
     return rows
+
+
+def sweep_summary(rows: list[dict], model_name: str, num_images: int) -> dict:
+    """What notebook 01 records: every row's settings and scores, and the best row by CIDEr (the course's primary
+    metric), with the path of its predictions."""
+    keep = ["name", "instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore",
+            "mean_length", "caption_accuracy", "seconds", "images_per_s", "predictions"]
+    best = max(rows, key=lambda r: r["cider"])
+    return {"model": model_name, "num_images": num_images, "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
+            "best": {k: best[k] for k in keep if k in best}}

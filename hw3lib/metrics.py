@@ -7,72 +7,15 @@
 """
 from __future__ import annotations
 
-import shutil
-import warnings
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pycocoevalcap.cider.cider import Cider
 
 from .data import DataError, ImageDataset, Record, check_keys, load_annotations, read_predictions
-from .ptb import ptb_tokenize
-
-_warned_no_java = False
-
-
-def java_available() -> bool:
-    return shutil.which("java") is not None
-
-
-def tokenize(captions_for_image: dict) -> dict:
-    """PTB-tokenise ``{key: [{"caption": str}, ...]}`` with Java when present, else the Python port (said once)."""
-    global _warned_no_java
-    if java_available():
-        return java_ptb_tokenize(captions_for_image)
-    if not _warned_no_java:
-        warnings.warn("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
-                      "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)", stacklevel=2)
-        _warned_no_java = True
-    return ptb_tokenize(captions_for_image)
-
-
-def java_ptb_tokenize(captions_for_image: dict) -> dict:
-    """pycocoevalcap's ``PTBTokenizer.tokenize``, step for step (the same jar, flags, input and punctuation filter),
-    except where the temporary file lives: a temporary folder instead of pycocoevalcap's package folder (which may
-    be read-only, and kept the file when the job was killed), and Java's "PTBTokenizer tokenized ..." lines on
-    stderr are kept out of the output."""
-    import subprocess
-    import tempfile
-
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
-    jar = Path(ptbtokenizer.__file__).resolve().parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
-    keys = [k for k, v in captions_for_image.items() for _ in range(len(v))]
-    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
-    with tempfile.TemporaryDirectory(prefix="hw3-ptb-") as tmp:
-        (Path(tmp) / "captions.txt").write_bytes(sentences.encode())
-        done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                               "-lowerCase", "captions.txt"], cwd=tmp, capture_output=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the PTB tokenizer (Java, {jar.name}) failed: {done.stderr.decode()[-300:]}")
-    punctuation = set(ptbtokenizer.PUNCTUATIONS)
-    out: dict = {}
-    for k, line in zip(keys, done.stdout.decode().split("\n")):
-        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in punctuation))
-    return out
-
-
-def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[float, dict[str, float]]:
-    """CIDEr-D of ``predictions`` against ``references`` (keys must match). Returns (corpus score, per-image)."""
-    check_keys(predictions, references)
-    keys = list(references)
-    res = tokenize({k: [{"caption": predictions[k]}] for k in keys})
-    gts = tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
-    score, scores = Cider().compute_score(gts, res)
-    return float(score), {k: float(s) for k, s in zip(keys, scores)}
-
+from .cider import cider, cider_in_background, java_available, java_ptb_tokenize, tokenize  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------- CLIPScore
 @dataclass
@@ -80,8 +23,11 @@ class ClipConfig:
     model: str = "ViT-B-32-quickgelu"  # open_clip name, "local-dir:PATH", or a folder holding open_clip_config.json
     pretrained: str | None = "openai"  # tag or local checkpoint file (ignored for folders)
     batch_size: int = 64  # images per forward pass
-    num_workers: int = 0  # DataLoader workers that decode images
+    num_workers: int | None = None  # DataLoader workers decoding images; None: up to 16 on a GPU, 0 on the CPU
     device: str | None = None  # default: cuda when present
+    # the course's evaluate.py loads CLIP with clip.load, which runs fp16 on a GPU and fp32 on the CPU; "auto" does
+    # the same ("fp32" / "fp16" force one). docs/benchmarks.md has the measured difference of the mean.
+    precision: str = "auto"
 
 
 class ClipScorer:
@@ -113,7 +59,13 @@ class ClipScorer:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise DataError(f"could not load CLIP {cfg.model!r} (pretrained={cfg.pretrained!r}): {first}. "
                             f"Offline? {hub.DOWNLOAD_HINT}") from None
-        self.model = model.eval().to(self.device)
+        if cfg.precision not in ("auto", "fp16", "fp32"):
+            raise ValueError(f"CLIP precision {cfg.precision!r}: expected 'auto', 'fp16' or 'fp32'")
+        half = cfg.precision == "fp16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.dtype = torch.float16 if half else torch.float32
+        self.model = model.eval().to(self.device, self.dtype)
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else \
+            (min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
 
@@ -121,11 +73,11 @@ class ClipScorer:
     def embed_images(self, records: list[Record]) -> torch.Tensor:
         """L2-normalised image embeddings, (N, D), in record order."""
         loader = torch.utils.data.DataLoader(ImageDataset(records, self.preprocess), batch_size=self.cfg.batch_size,
-                                             num_workers=self.cfg.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                             persistent_workers=False)
         out = []
         for pixel_values, _ in loader:
-            emb = self.model.encode_image(pixel_values.to(self.device, non_blocking=True)).float()
+            emb = self.model.encode_image(pixel_values.to(self.device, self.dtype, non_blocking=True)).float()
             out.append(emb / emb.norm(dim=-1, keepdim=True))
         return torch.cat(out)
 
@@ -168,8 +120,9 @@ def evaluate(pred_path: str | Path, annotation_path: str | Path, images_dir: str
     references = load_annotations(annotation_path)
     check_keys(predictions, references, pred_name=str(pred_path), ref_name=str(annotation_path))
     scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip or ClipConfig())  # fails before any work
-    score, per_cider = cider(predictions, references)
+    cider_job = cider_in_background(predictions, references)  # another process: CIDEr runs while CLIP encodes
     clip_mean, per_clip = clip_score(scorer, predictions, images_dir)
+    score, per_cider = cider_job.result()
     return {"cider": score, "clipscore": clip_mean, "num_images": len(predictions),
             "per_image": {k: {"cider": per_cider[k], "clipscore": per_clip[k]} for k in predictions}}
 

@@ -16,14 +16,15 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .captioner import Captioner, GenerationConfig, encode_images, save_adapter, trained_state_dict
+from .captioner import (Captioner, GenerationConfig, caption_features, encode_images, extract_features,
+                        save_adapter, trained_state_dict)
 from .data import DataError, ImageDataset, Record, atomic_path
 
 
@@ -40,7 +41,7 @@ class TrainConfig:
     eval_batch_size: int = 64  # images per generate() call
     seed: int = 0  # data order, dropout, caption draws
     feature_cache: str = "memory"  # "memory", "disk" (out_dir/features-*.pt) or "off" (encoder every step)
-    num_workers: int = 0  # image-decoding workers for feature extraction
+    num_workers: int | None = None  # image-decoding workers for feature extraction; None: 4 on a GPU, 0 on the CPU
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     deterministic: bool = True  # CPU: deterministic kernels (index_add's threads otherwise sum in any order), so the
     # same seed gives bit-identical tensors; CUDA keeps its fast kernels
@@ -61,30 +62,25 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-@torch.no_grad()
-def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_size: int = 64, device="cpu",
-                     num_workers: int = 0, desc: str = "encoder features") -> torch.Tensor:
-    """Run the frozen encoder once over ``records``: (N, V, D) features in float16 on the CPU."""
-    loader = torch.utils.data.DataLoader(ImageDataset(records, transform), batch_size=batch_size,
-                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
-    encoder.to(device).eval()
-    out = []
-    with tqdm(loader, desc=desc, leave=False) as bar:
-        for pixel_values, _ in bar:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-                out.append(encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half().cpu())
-    return torch.cat(out)
+_FEATURES: dict = {}  # (records and encoder config, encoder) -> features: the variants of notebook 02 reuse them
 
 
 def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_dir: Path, device) -> torch.Tensor:
     """Features from the disk cache when ``feature_cache == "disk"`` and it matches, else freshly extracted."""
-    if cfg.feature_cache != "disk":
-        return extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, cfg.num_workers)
+    workers = cfg.num_workers if cfg.num_workers is not None else (4 if torch.device(device).type == "cuda" else 0)
     key = hashlib.sha1(json.dumps([asdict(enc_cfg), [str(r.image_path) for r in records]]).encode()).hexdigest()[:16]
+    if cfg.feature_cache != "disk":  # memory: runs in one process with the same encoder share one extraction
+        memo_key = (key, id(encoder))
+        if memo_key not in _FEATURES:
+            if len(_FEATURES) >= 4:
+                _FEATURES.clear()
+            _FEATURES[memo_key] = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device,
+                                                   workers)
+        return _FEATURES[memo_key]
     path = Path(out_dir) / f"features-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    feats = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, cfg.num_workers)
+    feats = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, workers)
     with atomic_path(path) as tmp:
         torch.save(feats, tmp)
     return feats
@@ -104,17 +100,6 @@ def epoch_batches(records: list[Record], k: int, batch_size: int, rng: np.random
             steps.append(current)
             current = []
     return steps + ([current] if current else [])
-
-
-def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationConfig, batch_size: int = 64,
-                     device="cpu") -> list[str]:
-    """Captions for pre-computed features, batched."""
-    model.eval()
-    out = []
-    for i in range(0, len(features), batch_size):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            out.extend(model.generate(features[i : i + batch_size].to(device), gen).captions)
-    return out
 
 
 def train(model: Captioner, encoder, transform, train_records: list[Record], val_records: list[Record],
@@ -276,3 +261,26 @@ def _save_last(path: Path, model, opt, sched, epoch, history, best, run_key: str
         torch.save({"trained": trained_state_dict(model), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "best": list(best),
                     "run_key": run_key}, tmp)
+
+
+# --------------------------------------------------------------------------------------------------- variants
+def variant_configs(cfg, lora_r: int, lora_targets: tuple[str, ...]) -> dict:
+    """The report's LoRA variants of a main configuration: another rank on other layers (alpha = 2 r), and the
+    main one without the visual LayerNorm (the scale pitfall, measured)."""
+    other = replace(cfg.lora, r=lora_r, alpha=2 * lora_r, targets=lora_targets)
+    return {f"r={lora_r} on {','.join(lora_targets)}": replace(cfg, lora=other),
+            "main, no visual LayerNorm": replace(cfg, visual_norm=False)}
+
+
+def variant_rows(runs: dict[str, tuple], at: int) -> list[dict]:
+    """One table row per run ``{name: (CaptionerConfig, TrainResult, trainable parameters)}``, every run compared
+    after the same number of epochs ``at``, next to its last epoch."""
+    rows = []
+    for name, (cfg, result, params) in runs.items():
+        at_row, last = result.history[min(at, len(result.history)) - 1], result.history[-1]
+        rows.append({"variant": name, "LoRA r": cfg.lora.r, "targets": ", ".join(cfg.lora.targets),
+                     "visual norm": cfg.visual_norm, "trainable params": params,
+                     f"val CIDEr @ {at}": at_row["val_cider"],
+                     f"val CLIPScore @ {at}": at_row.get("val_clipscore", float("nan")),
+                     "epochs": len(result.history), "val CIDEr (last)": last["val_cider"]})
+    return rows

@@ -10,12 +10,12 @@
 # numbers. This notebook shows the data, its captions, and checks the CLIP model that CLIPScore uses.
 
 # %% tags=["parameters"]
-data_root = "data/demo/hw3_data"  # an hw3_data folder: the demo world or the course's data
-clip_model = "data/demo/models/clip"  # CLIPScore model: open_clip name (ViT-B-32-quickgelu) or a local folder
-clip_pretrained = ""  # open_clip tag ("openai") or checkpoint file; "" for a local folder
-output_dir = "outputs/demo"  # where figures and metrics go (set by `hw3 run`)
-num_show = 12  # images in the grid
-seed = 0  # which images are shown, which captions get shuffled
+data_root: str = "data/demo/hw3_data"  # an hw3_data folder: the demo world or the course's data
+clip_model: str = "data/demo/models/clip"  # CLIPScore model: open_clip name (ViT-B-32-quickgelu) or a local folder
+clip_pretrained: str = ""  # open_clip tag ("openai") or checkpoint file; "" for a local folder
+output_dir: str = "outputs/demo"  # where figures and metrics go (set by `hw3 run`)
+num_show: int = 12  # images in the grid
+seed: int = 0  # which images are shown, which captions get shuffled
 
 # %%
 from pathlib import Path
@@ -24,13 +24,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hw3lib import viz
-from hw3lib.data import load_split
-from hw3lib.demo.world import load_objects, object_set, parse_caption
+from hw3lib.data import hw3_split
+from hw3lib.demo.world import ground_truth, object_set, parse_caption
 from hw3lib.metrics import ClipConfig, ClipScorer, clip_check
-from hw3lib.params import typed
+from hw3lib.params import read
 from hw3lib.report import save_metrics
 
-P = typed(dict(data_root=str, clip_model=str, clip_pretrained=str, output_dir=str, num_show=int, seed=int), globals())
+P = read(globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
 
@@ -41,8 +41,8 @@ root, out = Path(P.data_root), Path(P.output_dir)
 # scored on `p2_data/images/val`; P3 draws attention maps on the five images of `p3_data/images`.
 
 # %%
-splits = {name: load_split(root / f"{p}/{name.split('/')[1]}.json", root / f"{p}/images/{name.split('/')[1]}")
-          for name, p in [("p1/val", "p1_data"), ("p2/train", "p2_data"), ("p2/val", "p2_data")]}
+splits = {"p1/val": hw3_split(root, "p1_data"), "p2/train": hw3_split(root, "p2_data", "train"),
+          "p2/val": hw3_split(root, "p2_data")}
 p3_images = sorted((root / "p3_data/images").glob("*.jpg"))
 for name, records in splits.items():
     n_caps = sum(len(r.references) for r in records)
@@ -58,8 +58,7 @@ print(f"p3        {len(p3_images):5d} images")
 val = splits["p2/val"]
 rng = np.random.default_rng(P.seed)
 shown = [val[i] for i in rng.choice(len(val), size=min(P.num_show, len(val)), replace=False)]
-sidecar = root / "p2_data/val_objects.json"
-objects = load_objects(sidecar) if sidecar.is_file() else None
+objects = ground_truth(root / "p2_data")  # None on the course's data
 fig = viz.image_grid(shown, boxes=[objects[r.file_id] for r in shown] if objects else None)
 fig.savefig(out / "figures/00_val_grid.png", dpi=110)
 plt.show()
@@ -111,7 +110,25 @@ plt.show()
 clip_metrics = {k: round(check[k], 4) for k in ("auc", "mean_true", "mean_shuffled")}
 clip_metrics
 
+# %% [markdown]
+# The AUC above is the number to read: 0.5 would mean the CLIP model cannot tell an image's own caption from a
+# random one, and CLIPScore would then rank captions by chance. The two histograms show how far apart the two kinds of
+# caption sit on average, and how much they overlap: a single CLIPScore is a noisy verdict on one caption, and a mean
+# over hundreds of images is a stable one.
+
 # %%
 save_metrics(out, "clip_check", clip_metrics)
 if world:
     save_metrics(out, "world", world)
+
+# %% [markdown]
+# ## Try it yourself
+#
+# 1. Set `seed = 3` and run the notebook again: another grid, and other shuffled captions in `clip_check`. How much
+#    does the AUC move? That spread is the noise of the check itself.
+# 2. Point `clip_model` at the stand-in ViT's folder, `data/demo/models/vit`. The notebook stops with a clear error:
+#    CLIPScore needs a model with a text tower. Which models in `data/demo/models/` have one?
+# 3. On the course's data (`data_root = "hw3_data"`, `clip_model = "ViT-B-32-quickgelu"`, `clip_pretrained =
+#    "openai"`): the parser cell says there is nothing to parse. Compare the caption statistics with the demo's: which
+#    words dominate COCO-style captions, and what would a caption built from the ten most common words score?
+

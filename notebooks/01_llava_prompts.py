@@ -28,19 +28,19 @@
 # `LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` calls as the real model.
 
 # %% tags=["parameters"]
-data_root = "data/demo/hw3_data"  # hw3_data root (p1_data/ inside)
-llava_model = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
-llava_instructions = {"one sentence": "Describe this image in one sentence.", "short caption": "Write a short caption for this image.", "few words": "Describe the image in a few words.", "detailed": "Describe the image in detail.", "question": "What is in this picture?"}  # name -> instruction
-llava_generations = {"greedy": {"max_new_tokens": 60}, "beam 3": {"num_beams": 3, "max_new_tokens": 60}}  # name -> LlavaGeneration fields
-llava_first_sentence = False  # keep only the first sentence of each answer
-llava_num_images = 0  # caption only the first N p1 images (0: all)
-llava_batch_size = 16  # images per generate() call
-llava_num_workers = 2  # DataLoader workers decoding images
-llava_load_in_4bit = False  # 4-bit language model (needs bitsandbytes and a GPU)
-clip_model = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
-clip_pretrained = ""  # "openai" for the real CLIP; "" for a folder
-llava_num_show = 4  # images whose captions are shown for every setting
-output_dir = "outputs/demo"  # set by `hw3 run`
+data_root: str = "data/demo/hw3_data"  # hw3_data root (p1_data/ inside)
+llava_model: str = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
+llava_instructions: dict = {"one sentence": "Describe this image in one sentence.", "short caption": "Write a short caption for this image.", "few words": "Describe the image in a few words.", "detailed": "Describe the image in detail.", "question": "What is in this picture?"}  # name -> instruction
+llava_generations: dict = {"greedy": {"max_new_tokens": 60}, "beam 3": {"num_beams": 3, "max_new_tokens": 60}}  # name -> LlavaGeneration fields
+llava_first_sentence: bool = False  # keep only the first sentence of each answer
+llava_num_images: int = 0  # caption only the first N p1 images (0: all)
+llava_batch_size: int = 16  # images per generate() call
+llava_num_workers: int = 2  # DataLoader workers decoding images
+llava_load_in_4bit: bool = False  # 4-bit language model (needs bitsandbytes and a GPU)
+clip_model: str = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
+clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
+llava_num_show: int = 4  # images whose captions are shown for every setting
+output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
 import json
@@ -51,20 +51,19 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.data import load_image, load_split
-from hw3lib.llava import LlavaGeneration, build_prompt, image_token_span, load_llava, sweep
+from hw3lib.data import hw3_split, load_image
+from hw3lib.demo.world import world_scores
+from hw3lib.llava import LlavaGeneration, build_prompt, image_token_span, load_llava, sweep, sweep_summary
 from hw3lib.metrics import ClipConfig, ClipScorer
-from hw3lib.params import typed
+from hw3lib.params import read
 from hw3lib.report import save_metrics
 
-P = typed(dict(data_root=str, llava_model=str, llava_instructions=dict, llava_generations=dict,
-               llava_first_sentence=bool, llava_num_images=int, llava_batch_size=int, llava_num_workers=int,
-               llava_load_in_4bit=bool, clip_model=str, clip_pretrained=str, llava_num_show=int, output_dir=str),
-          globals())
+# %%
+P = read(globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
 generations = {name: LlavaGeneration.from_dict(g) for name, g in P.llava_generations.items()}
-records = load_split(root / "p1_data/val.json", root / "p1_data/images/val")
+records = hw3_split(root, "p1_data")
 records = records[: P.llava_num_images] if P.llava_num_images else records
 references = {r.file_id: list(r.references) for r in records}
 print(f"{len(records)} p1 val images, {len(P.llava_instructions)} instructions x {len(generations)} generation "
@@ -112,17 +111,11 @@ print("after: ", tok.convert_ids_to_tokens(ids[stop:]))
 
 # %%
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
-sidecar = root / "p1_data/val_objects.json"
-objects = None
-if sidecar.is_file():
-    from hw3lib.demo.world import load_objects
-
-    objects = load_objects(sidecar)
+extra = world_scores(root / "p1_data")  # caption accuracy on the shapes world; nothing on the course's data
 rows = sweep(model, processor, records, P.llava_instructions, generations, out / "p1", references, scorer=scorer,
-             objects=objects, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
+             extra_scores=extra, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
              first_sentence=P.llava_first_sentence, model_name=P.llava_model)
-columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length"] + (
-    ["caption_accuracy"] if objects else []) + ["seconds"]
+columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length", *extra, "seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
 
 # %%
@@ -149,24 +142,39 @@ for rec in shown:
 # `hw3_1.sh` must produce, and its settings are recorded for the attention notebook.
 
 # %%
-best = max(rows, key=lambda r: r["cider"])
+summary = sweep_summary(rows, P.llava_model, len(records))
+best = summary["best"]
 shutil.copyfile(best["predictions"], out / "p1_predictions.json")
-keep = ["instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore", "mean_length",
-        "caption_accuracy", "seconds", "images_per_s"]
-summary = {"model": P.llava_model, "num_images": len(records),
-           "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
-           "best": {k: best[k] for k in keep if k in best}}
-by_name = {r["instruction_name"]: r for r in rows if r["generation"] == next(iter(generations))}
-if "detailed" in by_name and "one sentence" in by_name:
-    d, s = by_name["detailed"], by_name["one sentence"]
-    print(f"detailed vs one sentence ({next(iter(generations))}): CIDEr {d['cider']:.3f} vs {s['cider']:.3f}, "
-          f"mean length {d['mean_length']:.1f} vs {s['mean_length']:.1f} words")
 save_metrics(out, "llava", summary)
-summary["best"]
+by_cider = sorted(rows, key=lambda r: r["cider"])
+by_clip = sorted(rows, key=lambda r: r.get("clipscore", 0))
+longest = max(rows, key=lambda r: r["mean_length"])
+display(Markdown(
+    f"**This run.** CIDEr runs from {by_cider[0]['cider']:.3f} (*{by_cider[0]['name']}*) to "
+    f"{by_cider[-1]['cider']:.3f} (*{by_cider[-1]['name']}*); CLIPScore from {by_clip[0].get('clipscore', 0):.3f} "
+    f"(*{by_clip[0]['name']}*) to {by_clip[-1].get('clipscore', 0):.3f} (*{by_clip[-1]['name']}*). The longest "
+    f"captions (*{longest['name']}*, {longest['mean_length']:.1f} words on average) score CIDEr "
+    f"{longest['cider']:.3f}. Best by CIDEr: *{best['instruction']}* with {best['generation']}."))
 
 # %% [markdown]
-# **Reading the table.** CIDEr rewards the n-grams the references use, weighted by how specific they are, and its
-# Gaussian length penalty punishes captions much longer or shorter than the references. A detailed description can
-# name every object correctly (high caption accuracy, good CLIPScore) and still score a low CIDEr, because its
-# wording and length are not the references'. Questions the model answers with something other than a caption
-# (a list, a count) score worst. This is the effect the HW3 reports found on COCO with the real LLaVA.
+# **Reading the table.** CIDEr rewards the n-grams that the references use, weighted by how rare they are, and its
+# Gaussian length penalty punishes captions much longer or shorter than the references. CLIPScore ignores the
+# references: it asks the CLIP model whether the text matches the image. Questions to answer from the table:
+#
+# - Does the setting with the highest CIDEr also have the highest CLIPScore? If not, which metric agrees with
+#   the caption accuracy column (demo), and why would it?
+# - How does CIDEr change with the mean length? Compare the detailed instruction with the one-sentence one.
+# - Does beam search help or hurt, and for which instructions?
+#
+# ## Try it yourself
+#
+# 1. Ask LLaVA for a detailed description only: `hw3 run --only 01_llava_prompts -p llava_instructions
+#    '{"detailed": "Describe the image in detail."}'`. Watch CIDEr against CLIPScore: which one notices that the
+#    caption is long?
+# 2. Set `llava_first_sentence = True` and run the sweep again. Which rows move most, and does the best setting
+#    change?
+# 3. Add a sampling config to `llava_generations`, e.g. `"sample t=0.7": {"do_sample": true, "temperature": 0.7,
+#    "max_new_tokens": 60}`, and compare it with greedy. Run it twice with another `seed` field: how much do the
+#    scores move?
+# 4. Write your own instruction (for example "Write a caption of at most ten words.") and add it to
+#    `llava_instructions`. Can you beat the best row?

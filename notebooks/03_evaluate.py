@@ -6,25 +6,26 @@
 # `2.5 · max(cos(image, text), 0)` averaged over images. Per-image CLIPScores are saved for notebook 05.
 #
 # Two references keep the numbers honest: a **baseline** that gives every image the single most common training
-# caption (what CIDEr awards for knowing the phrasing but not the image), and — on the demo profile, where the scenes
-# are known — **caption accuracy**: the fraction of images whose caption names exactly the right (colour, shape) set.
+# caption (what CIDEr awards for knowing the phrasing but not the image), and, on the demo profile, where the scenes
+# are known, **caption accuracy**: the fraction of images whose caption names exactly the right (colour, shape) set.
 
 # %% tags=["parameters"]
-data_root = "data/demo/hw3_data"  # hw3_data root
-adapter = ""  # trained adapter (.safetensors); "": the best of notebook 02 in output_dir/p2/main/
-num_beams = 3  # 1: greedy
-max_new_tokens = 30  # caption length limit (tokens)
-length_penalty = 1.0  # beam score: sum log p / length ** length_penalty
-no_repeat_ngram_size = 0  # forbid repeated n-grams (0: off)
-batch_size = 64  # images per generate() call
-clip_model = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
-clip_pretrained = ""  # "openai" for the real CLIP; "" for a folder
-num_show = 8  # example captions shown
-output_dir = "outputs/demo"  # set by `hw3 run`
+data_root: str = "data/demo/hw3_data"  # hw3_data root
+adapter: str = ""  # trained adapter (.safetensors); "": the best of notebook 02 in output_dir/p2/main/
+num_beams: int = 3  # 1: greedy
+max_new_tokens: int = 30  # caption length limit (tokens)
+length_penalty: float = 1.0  # beam score: sum log p / length ** length_penalty
+no_repeat_ngram_size: int = 0  # forbid repeated n-grams (0: off)
+batch_size: int = 64  # images per generate() call
+clip_model: str = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
+clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
+num_show: int = 8  # example captions shown
+output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
 import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,15 +33,15 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.captioner import GenerationConfig, caption_folder, load_adapter
-from hw3lib.data import load_split, write_json_atomic
+from hw3lib.captioner import GenerationConfig, caption_images, load_adapter
+from hw3lib.data import hw3_split, write_json_atomic
+from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
 from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score
-from hw3lib.params import typed
+from hw3lib.params import read
 from hw3lib.report import save_metrics
 
-P = typed(dict(data_root=str, adapter=str, num_beams=int, max_new_tokens=int, length_penalty=float,
-               no_repeat_ngram_size=int, batch_size=int, clip_model=str, clip_pretrained=str, num_show=int,
-               output_dir=str), globals())
+# %%
+P = read(globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
@@ -54,60 +55,90 @@ gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, l
 
 # %%
 model, encoder_model, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
-val = load_split(root / "p2_data/val.json", root / "p2_data/images/val")
-predictions = caption_folder(model, encoder_model, transform, root / "p2_data/images/val", gen, P.batch_size)
+val = hw3_split(root, "p2_data")
+predictions = caption_images(model, encoder_model, transform, root / "p2_data/images/val", gen, P.batch_size)
 predictions = {r.file_id: predictions[r.file_id] for r in val}
 write_json_atomic(out / "p2_val_predictions.json", predictions)
 print(f"{len(predictions)} captions -> {out / 'p2_val_predictions.json'}")
+
+# %% [markdown]
+# ## CIDEr, CLIPScore, and a baseline that does not look at the image
 
 # %%
 references = {r.file_id: list(r.references) for r in val}
 score, per_cider = cider(predictions, references)
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
 clip_mean, per_clip = clip_score(scorer, predictions, root / "p2_data/images/val")
-train_refs = [c for r in load_split(root / "p2_data/train.json", root / "p2_data/images/train") for c in r.references]
+train_refs = [c for r in hw3_split(root, "p2_data", "train") for c in r.references]
 common, count = Counter(train_refs).most_common(1)[0]
 baseline, _ = cider({k: common for k in references}, references)
+base_clip, _ = clip_score(scorer, {k: common for k in references}, root / "p2_data/images/val")
 write_json_atomic(out / "p2_val_per_image.json", {k: {"caption": predictions[k], "clipscore": per_clip[k],
                                                       "cider": per_cider[k]} for k in predictions})
-summary = {"cider": score, "clipscore": clip_mean, "baseline_cider": baseline,
-           "baseline_caption": common, "trainable_params": model.trainable_parameters()}
-display(Markdown(viz.markdown_table([{"captions": "the adapter", "CIDEr": score, "CLIPScore": clip_mean},
-                                    {"captions": f"baseline: '{common}' for every image", "CIDEr": baseline,
-                                     "CLIPScore": float("nan")}])))
-
-# %% [markdown]
-# ## Caption accuracy (demo profile)
+display(Markdown(viz.markdown_table([
+    {"captions": "the adapter", "CIDEr": score, "CLIPScore": clip_mean},
+    {"captions": f"baseline: '{common}' for every image", "CIDEr": baseline, "CLIPScore": base_clip}])))
 
 # %%
-sidecar = root / "p2_data/val_objects.json"
-if sidecar.is_file():
-    from hw3lib.demo.world import caption_accuracy, load_objects, parse_caption
+display(Markdown(
+    f"**Reading it.** The baseline caption, *{common}*, is the most common of the {len(train_refs)} training "
+    f"captions ({count} times). Written under every image, it scores CIDEr {baseline:.3f} and CLIPScore "
+    f"{base_clip:.3f}; the adapter's captions score {score:.3f} and {clip_mean:.3f}. CIDEr weights each n-gram "
+    "by how rare it is across the references (TF-IDF), so a caption that is right for every image earns little "
+    f"of it: the gap ({score - baseline:+.3f}) is what looking at the image buys. CLIPScore has no references and "
+    f"no such weighting: the same gap there is {clip_mean - base_clip:+.3f}."))
 
-    objects = load_objects(sidecar)
-    accuracy, per_image = caption_accuracy(predictions, objects)
-    summary["caption_accuracy"] = accuracy
-    by_count = {}
-    for k, ok in per_image.items():
-        by_count.setdefault(len(objects[k]), []).append(ok)
-    rows = [{"objects in the scene": n, "images": len(v), "caption accuracy": float(np.mean(v))}
-            for n, v in sorted(by_count.items())]
+# %% [markdown]
+# ## How the scores spread over the images
+#
+# A mean hides its spread. CIDEr-D is computed over the whole set (its IDF comes from all the references), but
+# pycocoevalcap also returns each image's share; CLIPScore is a plain mean of per-image scores.
+
+# %%
+c, s = np.array(list(per_cider.values())), np.array(list(per_clip.values()))
+fig = viz.score_histograms({"CLIPScore": s}, title="CLIPScore per validation image")
+fig.savefig(out / "figures/03_clipscore_spread.png", dpi=110)
+plt.show()
+corr = float(np.corrcoef(c, s)[0, 1])
+display(Markdown(
+    f"Per image, CIDEr runs from {c.min():.2f} to {c.max():.2f} (median {np.median(c):.2f}); "
+    f"{(c == 0).mean():.0%} of the images score 0, sharing no n-gram with any reference. CLIPScore runs from "
+    f"{s.min():.3f} to {s.max():.3f} (standard deviation {s.std():.3f}). The two agree per image with a "
+    f"correlation of {corr:.2f}. Is that high enough to trust one metric in place of the other?"))
+
+# %% [markdown]
+# ## Caption accuracy (shapes world)
+#
+# CIDEr and CLIPScore are proxies. On the shapes world the truth is known, so the right question can be asked
+# directly: does the caption name exactly the objects in the scene? Scenes with more objects are harder.
+
+# %%
+objects = ground_truth(root / "p2_data")  # None on the course's data
+summary = {"cider": score, "clipscore": clip_mean, "baseline_cider": baseline, "baseline_clipscore": base_clip,
+           "baseline_caption": common, "trainable_params": model.trainable_parameters(), "per_image_cider_zero":
+           float((c == 0).mean()), "cider_clipscore_correlation": corr}
+summary.update({name: f(predictions) for name, f in world_scores(root / "p2_data").items()})
+if objects:
+    rows, wrong = accuracy_report(predictions, objects)
     display(Markdown(viz.markdown_table(rows)))
-    wrong = [k for k, ok in per_image.items() if not ok][:5]
-    for k in wrong:
-        truth = sorted((o["color"], o["shape"]) for o in objects[k])
-        print(f"{k}: {predictions[k]!r}\n    names {sorted(parse_caption(predictions[k]))}, truth {truth}")
+    print(f"caption accuracy {summary['caption_accuracy']:.3f}; some wrong captions:\n  " + "\n  ".join(wrong))
 else:
     print("not the shapes world: no ground truth for caption accuracy")
 
 # %% [markdown]
 # ## Caption lengths and examples
+#
+# CIDEr-D multiplies each n-gram match by a Gaussian penalty on the length difference to the reference, so a model
+# that writes captions much shorter or longer than the references loses CIDEr even when every word is right.
 
 # %%
 fig = viz.caption_lengths({"predictions": list(predictions.values()),
                            "references": [c for cs in references.values() for c in cs]})
 fig.savefig(out / "figures/03_caption_lengths.png", dpi=110)
 plt.show()
+pred_len = np.mean([len(p.split()) for p in predictions.values()])
+ref_len = np.mean([len(r.split()) for rs in references.values() for r in rs])
+print(f"mean length: predictions {pred_len:.1f} words, references {ref_len:.1f} words")
 shown = val[: P.num_show]
 fig = viz.image_grid(shown, captions=[f"{predictions[r.file_id]}\nCLIPScore {per_clip[r.file_id]:.2f}"
                                       for r in shown])
@@ -118,7 +149,18 @@ plt.show()
 training_file = out / "metrics/captioner_training.json"
 training = json.loads(training_file.read_text()) if training_file.is_file() else {}
 summary["variants"] = training.get("variants", [])
-summary["generation"] = {"num_beams": P.num_beams, "max_new_tokens": P.max_new_tokens,
-                         "length_penalty": P.length_penalty, "no_repeat_ngram_size": P.no_repeat_ngram_size}
+summary["generation"] = asdict(gen)
 save_metrics(out, "captioner", summary)
 {k: v for k, v in summary.items() if k != "variants"}
+
+# %% [markdown]
+# ## Try it yourself
+#
+# 1. Set `num_beams = 1` (greedy) and compare CIDEr, CLIPScore and the mean caption length with beam 3. Which metric
+#    moves more, and in which direction?
+# 2. Set `length_penalty = 2.0` with `num_beams = 3`: beam search now favours longer captions. Watch the length
+#    histogram and CIDEr's length penalty at work.
+# 3. Set `max_new_tokens = 8`: captions are cut. Which scene sizes lose caption accuracy first?
+# 4. Score the baseline caption against a caption of your own with `hw3 evaluate --pred YOUR.json --annotation
+#    data/demo/hw3_data/p2_data/val.json --images data/demo/hw3_data/p2_data/images/val --clip-model
+#    data/demo/models/clip --clip-pretrained ""`. Can you write one fixed caption that beats the baseline's CIDEr?

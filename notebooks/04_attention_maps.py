@@ -19,14 +19,14 @@
 # maps. The layer is measured, not guessed.
 
 # %% tags=["parameters"]
-data_root = "data/demo/hw3_data"  # hw3_data root
-adapter = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
-llava_model = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
-llava_instruction = ""  # "": the best instruction of notebook 01
-attention_layer = "best"  # layer index, "mean" over layers, or "best" (highest pointing accuracy; else the last)
-attention_heads = "mean"  # "mean", "max" or a head index
-pointing_images = 100  # val images scored for pointing accuracy (shapes world only)
-output_dir = "outputs/demo"  # set by `hw3 run`
+data_root: str = "data/demo/hw3_data"  # hw3_data root
+adapter: str = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
+llava_model: str = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
+llava_instruction: str = ""  # "": the best instruction of notebook 01
+attention_layer: str = "best"  # a layer index, "mean" over layers, or "best" (highest pointing accuracy; else the last)
+attention_heads: str = "mean"  # "mean", "max" or a head index
+pointing_images: int = 100  # val images scored for pointing accuracy (shapes world only)
+output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
 import json
@@ -36,21 +36,28 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.attention import aggregate, captioner_entries, llava_entries, pointing_by_layer, pointing_items
+from hw3lib.attention import aggregate, captioner_entries, choose_layer, llava_entries
 from hw3lib.captioner import load_adapter
-from hw3lib.data import list_images, load_split
+from hw3lib.data import hw3_split, list_images
+from hw3lib.demo.world import ground_truth
 from hw3lib.llava import DEFAULT_INSTRUCTION, load_llava
-from hw3lib.params import typed
+from hw3lib.params import read
 from hw3lib.report import save_metrics
 
-P = typed(dict(data_root=str, adapter=str, llava_model=str, llava_instruction=str, attention_layer=(int, str),
-               attention_heads=(int, str), pointing_images=int, output_dir=str), globals())
+P = read(globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
+
+# %% [markdown]
+# ## The two models
+#
+# The captioner is the best adapter of notebook 02; LLaVA asks the best instruction of notebook 01 (when it ran).
+
+# %%
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
 llava_metrics = out / "metrics/llava.json"
-instruction = P.llava_instruction or (json.loads(llava_metrics.read_text())["best"]["instruction"]
-                                      if llava_metrics.is_file() else DEFAULT_INSTRUCTION)
+best_instruction = json.loads(llava_metrics.read_text())["best"]["instruction"] if llava_metrics.is_file() else None
+instruction = P.llava_instruction or best_instruction or DEFAULT_INSTRUCTION
 captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 llava, processor = load_llava(P.llava_model)
 print(f"captioner: {adapter}\nLLaVA: {P.llava_model}, instruction {instruction!r}")
@@ -59,48 +66,32 @@ print(f"captioner: {adapter}\nLLaVA: {P.llava_model}, instruction {instruction!r
 # ## Pointing accuracy by layer (shapes world)
 #
 # Each model captions the first validation images (the captioner on p2 val, LLaVA on p1 val). Every colour or
-# shape word in the captions is scored at every layer, with the heads averaged.
+# shape word in the captions is scored at every layer.
 
 # %%
-sidecar = root / "p2_data/val_objects.json"
-summary, chosen = {}, {}
-if sidecar.is_file():
-    from hw3lib.demo.world import COLORS, SHAPES, load_masks, load_objects
+tables = {}
+if ground_truth(root / "p2_data") is not None:
+    from hw3lib.demo.pointing import pointing_summary, pointing_table
 
-    tables = {}
-    for name, split in (("captioner", "p2_data"), ("llava", "p1_data")):
-        recs = load_split(root / split / "val.json", root / split / "images/val")[: P.pointing_images]
-        entries = (captioner_entries(captioner, encoder, transform, recs) if name == "captioner" else
-                   llava_entries(llava, processor, recs, instruction))
-        items = pointing_items(entries, load_objects(root / split / "val_objects.json"),
-                               load_masks(root / split / "val_masks.npz"))
-        tables[name] = pointing_by_layer(items, COLORS, SHAPES, radius=entries[0]["patch_px"],
-                                         heads=P.attention_heads)
-    rows = [{"model": name, "layer": layer, "words": p.total, "pointing accuracy": p.accuracy,
-             "chance": p.chance, "x chance": p.accuracy / p.chance} for name, t in tables.items()
-            for layer, p in t.items()]
+    for name, part in (("captioner", "p2_data"), ("llava", "p1_data")):
+        recs = hw3_split(root, part)[: P.pointing_images]
+        entries = (captioner_entries(captioner, encoder, transform, recs) if name == "captioner"
+                   else llava_entries(llava, processor, recs, instruction))
+        tables[name] = pointing_table(entries, root / part, heads=P.attention_heads)
+    summary, rows = pointing_summary(tables, P.attention_heads)
     display(Markdown(viz.markdown_table(rows)))
-    chance_sum = sum(t["mean"].chance_sum for t in tables.values())
-    words = sum(t["mean"].total for t in tables.values())
-    summary = {"chance": chance_sum / words, "heads": str(P.attention_heads),
-               **{name: {layer: p.accuracy for layer, p in t.items()} for name, t in tables.items()},
-               "chance_by_model": {name: t["mean"].chance for name, t in tables.items()},
-               "words": {name: t["mean"].total for name, t in tables.items()}}
     fig = viz.pointing_table_plot({name: summary[name] for name in tables}, summary["chance"])
     fig.savefig(out / "figures/04_pointing.png", dpi=110)
     plt.show()
-    if P.attention_layer == "best":
-        chosen = {name: max((k for k in t if k != "mean"), key=lambda k: t[k].accuracy) for name, t in tables.items()}
 else:
+    summary = {}
     print("not the shapes world: no ground truth for pointing accuracy")
 
-def layer_for(name, n_layers):
-    if P.attention_layer == "best":
-        return int(chosen[name]) if name in chosen else n_layers - 1
-    return P.attention_layer if P.attention_layer == "mean" else int(P.attention_layer)
-
-
 # %% [markdown]
+# Read the table against the `chance` column: a map that ignored the image would still point correctly that often.
+# Which layer points best for each model, and how far above chance is it? The layer drawn below follows the
+# `attention_layer` parameter; `"best"` takes the row with the highest pointing accuracy.
+#
 # ## The five P3 images, both models
 #
 # Each figure is the course's report layout: the image as the model saw it, then one panel per word. Its title
@@ -112,10 +103,10 @@ p3_entries = {"captioner": captioner_entries(captioner, encoder, transform, p3),
               "llava": llava_entries(llava, processor, p3, instruction)}
 for name, entries in p3_entries.items():
     for e in entries:
-        e["layer"] = layer = layer_for(name, len(e["layers"]))  # the browser below starts there too
+        e["layer"] = layer = choose_layer(P.attention_layer, len(e["layers"]), summary.get(name))
         maps = aggregate(e["maps"], layer, P.attention_heads)
-        note = (f"{name}: layer {layer} of {len(e['layers'])}, heads {P.attention_heads}; "
-                f"{maps.shape[1]} x {maps.shape[2]} grid")
+        note = f"{name}: layer {layer} of {len(e['layers'])}, heads {P.attention_heads}; {maps.shape[1]} x " \
+               f"{maps.shape[2]} grid"
         fig = viz.word_attention(e["view"], e["words"], maps, title=f"{e['file_id']}: {e['caption']}", note=note)
         fig.savefig(out / f"figures/04_{name}_{e['file_id']}.png", dpi=100)
         plt.show()
@@ -123,14 +114,26 @@ for name, entries in p3_entries.items():
 # %% [markdown]
 # ## Browse them
 #
-# Pick an image and a model, a layer and a head aggregation, then slide over the words. This needs a live
-# kernel: widget state does not survive papermill or the HTML export, which is why the static figures above exist.
+# Pick an image and a model, a layer and a head aggregation, then slide over the words. The browser redraws from
+# the maps computed above; nothing runs the models again. It needs a live kernel (JupyterLab, `hw3 lab`): widget
+# state does not survive papermill or the HTML export, which is why the static figures above exist.
 
 # %%
 viz.attention_browser({f"{e['file_id']} / {name}": e for name, entries in p3_entries.items() for e in entries})
 
 # %%
-summary["layer_shown"] = {name: str(layer_for(name, len(p3_entries[name][0]["layers"]))) for name in p3_entries}
+summary["layer_shown"] = {name: str(entries[0]["layer"]) for name, entries in p3_entries.items()}
 summary["p3_captions"] = {name: {e["file_id"]: e["caption"] for e in entries} for name, entries in p3_entries.items()}
 save_metrics(out, "attention", summary)
 {k: v for k, v in summary.items() if k != "p3_captions"}
+
+# %% [markdown]
+# ## Try it yourself
+#
+# 1. Set `attention_heads = "max"` and run again. Does the best layer change? Do the maps get sharper or noisier?
+# 2. Set `attention_layer = "0"` (the first layer), then `"mean"`. Compare the P3 figures with the best layer's:
+#    which words stop pointing at their object?
+# 3. In the browser, pick a word like "the" or "and" and compare it with a colour word. Where do function words
+#    look, and why might that be?
+# 4. Set `llava_instruction = "Describe the image in detail."`: longer captions, more words to score. Does LLaVA's
+#    pointing accuracy hold up over a long answer?

@@ -1,11 +1,12 @@
-"""hw3lib.attention: words from tokens, the model's view, upsampling, pointing accuracy."""
+"""hw3lib.attention: words from tokens, the model's view, upsampling, the layer shown; hw3lib.demo.pointing."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hw3lib.attention import (aggregate, captioner_maps, crop_box, hit_region, model_view, point, pointing_by_layer,
-                              upsample, view_labels, word_groups, words_and_maps)
+from hw3lib.attention import (aggregate, captioner_maps, choose_layer, crop_box, model_view, upsample, word_groups,
+                              words_and_maps)
+from hw3lib.demo.pointing import hit_region, point, pointing_by_layer, view_labels
 
 
 @pytest.mark.parametrize("tokens, groups", [
@@ -94,7 +95,7 @@ def test_captioner_maps_cover_the_pooled_grid_without_cls(models_dir, world):
     from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, encoder_grid, paths_for
     from hw3lib.data import list_images
     from hw3lib.decoder import LoraConfig
-    from hw3lib.train import extract_features
+    from hw3lib.captioner import extract_features
 
     cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
                           lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **paths_for(world))
@@ -129,3 +130,13 @@ def test_browser_controls_hold_values_across_images():
     layer.value = 4
     pick.value = "a / captioner"
     assert layer.value == 1 and len(layer.options) == 4  # layer 4 is not there: back to the entry's first
+
+
+def test_choose_layer():
+    assert choose_layer("best", 4, {"0": 0.2, "2": 0.9, "3": 0.5, "mean": 0.95}) == 2  # "mean" is not a layer
+    assert choose_layer("best", 4, None) == 3 and choose_layer("mean", 4) == "mean"
+    assert choose_layer("1", 4) == 1 and choose_layer(-1, 4) == 3
+    with pytest.raises(ValueError, match="has 4 layers"):
+        choose_layer(7, 4)
+    with pytest.raises(ValueError, match="'best', 'mean' or a layer index"):
+        choose_layer("last", 4)

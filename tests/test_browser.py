@@ -153,7 +153,7 @@ def test_attention_browser_in_jupyterlab(lab):
         t_model = redraws(lambda: selects.nth(0).select_option(index=other), "after_model")
 
         # the last cell ran too (JupyterLab's Run All stops at an error)
-        page.locator(".jp-Cell").last.locator(".jp-OutputArea-output").first.wait_for(timeout=60_000)
+        page.locator(".jp-CodeCell").last.locator(".jp-OutputArea-output").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SHOTS / "jupyterlab.png"))
         browser.close()
 

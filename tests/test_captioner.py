@@ -8,7 +8,7 @@ from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, 
                               paths_for, save_adapter)
 from hw3lib.data import load_split
 from hw3lib.decoder import Decoder, LoraConfig
-from hw3lib.train import extract_features
+from hw3lib.captioner import extract_features
 
 
 def _cfg(world, models_dir, **lora):

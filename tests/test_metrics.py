@@ -6,6 +6,7 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
+import hw3lib.cider as cider_module
 import hw3lib.metrics as metrics
 from hw3lib.data import DataError, load_image, load_split
 from hw3lib.metrics import auc, cider, clip_score, evaluate
@@ -42,8 +43,8 @@ def test_cider_without_java_warns_once_and_agrees(val, monkeypatch):
     pred = _predictions(val)
     refs = {r.file_id: list(r.references[1:]) for r in val}
     with_java = cider(pred, refs)[0] if metrics.java_available() else None
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    monkeypatch.setattr(metrics, "_warned_no_java", False)
+    monkeypatch.setattr(cider_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cider_module, "_warned_no_java", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         no_java = cider(pred, refs)[0]
@@ -95,3 +96,12 @@ def test_auc():
     assert auc(np.array([2.0, 3.0]), np.array([1.0, 0.0])) == 1.0
     assert auc(np.array([1.0]), np.array([1.0])) == 0.5
     assert auc(np.array([0.0, 2.0]), np.array([1.0])) == 0.5
+
+
+def test_cider_in_background_equals_cider(val):
+    """evaluate() runs CIDEr in a process of its own while CLIP encodes: the same numbers, errors as one line."""
+    pred = _predictions(val)
+    refs = {r.file_id: list(r.references[1:]) for r in val}
+    assert cider_module.cider_in_background(pred, refs).result() == cider(pred, refs)
+    with pytest.raises(DataError, match="missing"):
+        cider_module.cider_in_background({"x": "y"}, refs)

@@ -62,8 +62,13 @@ def test_committed_clean(path):
     assert len(tagged) == 1, "exactly one parameters cell"
     # papermill must understand every line (it silently skips one whose comment holds '='), so that
     # `papermill --help-notebook` lists them and the runner can route each config value
-    assigned = [t.id for node in ast.parse(tagged[0].source).body for t in node.targets]
+    body = ast.parse(tagged[0].source).body
+    assert all(isinstance(node, ast.AnnAssign) for node in body), "each parameter is declared `name: type = value`"
+    assigned = [node.target.id for node in body]
     assert list(papermill.inspect_notebook(str(path))) == assigned
+    for cell in nb.cells:  # the logic lives in hw3lib; a cell shows one idea
+        assert cell.cell_type != "code" or len(cell.source.splitlines()) <= 20, f"{path.name}: a code cell over 20 lines"
+    assert "## Try it yourself" in nb.cells[-1].source, f"{path.name} ends with its exercises"
 
 
 def test_shapes_world_notebook_runs(world, tmp_path):

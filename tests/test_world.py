@@ -80,3 +80,16 @@ def test_parser():
 def test_demo_world_is_big_enough(world):
     assert len(load_split(world / "p2_data/train.json", world / "p2_data/images/train")) >= 3000
     assert len(load_split(world / "p2_data/val.json", world / "p2_data/images/val")) >= 300
+
+
+def test_world_scores_only_on_the_shapes_world(world, tmp_path):
+    from hw3lib.data import hw3_split
+    from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
+
+    truth = ground_truth(world / "p2_data")
+    refs = {r.file_id: r.references[0] for r in hw3_split(world, "p2_data")[:20]}  # a reference names the scene
+    assert world_scores(world / "p2_data")["caption_accuracy"](refs) == 1.0
+    wrong = {k: "a red circle" for k in refs}
+    rows, lines = accuracy_report(wrong, truth, n_wrong=3)
+    assert sum(r["images"] for r in rows) == 20 and len(lines) == 3 and "the scene holds" in lines[0]
+    assert ground_truth(tmp_path) is None and world_scores(tmp_path) == {}  # the course's data: no extra column

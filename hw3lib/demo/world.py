@@ -325,3 +325,32 @@ def caption_accuracy(predictions: dict[str, str], objects: dict[str, list[dict]]
     """Fraction of images whose caption names exactly their set of (colour, shape) objects, and per image."""
     per = {k: parse_caption(c) == object_set(objects[k]) for k, c in predictions.items()}
     return (sum(per.values()) / len(per) if per else 0.0), per
+
+
+def ground_truth(split_dir: str | Path, split: str = "val") -> dict[str, list[dict]] | None:
+    """The objects of each image of ``split_dir`` (``p1_data`` or ``p2_data``) when it is the shapes world's, else
+    None (the course's data has no such file)."""
+    sidecar = Path(split_dir) / f"{split}_objects.json"
+    return load_objects(sidecar) if sidecar.is_file() else None
+
+
+def world_scores(split_dir: str | Path, split: str = "val") -> dict:
+    """Extra columns for a sweep or an evaluation: ``{"caption_accuracy": predictions -> float}`` on the shapes
+    world, nothing on other data."""
+    objects = ground_truth(split_dir, split)
+    return {} if objects is None else {"caption_accuracy": lambda pred: caption_accuracy(pred, objects)[0]}
+
+
+def accuracy_report(predictions: dict[str, str], objects: dict[str, list[dict]], n_wrong: int = 5
+                    ) -> tuple[list[dict], list[str]]:
+    """Caption accuracy by the number of objects in the scene (table rows), and the first ``n_wrong`` wrong
+    captions with what they name and what the scene holds."""
+    _, per_image = caption_accuracy(predictions, objects)
+    by_count: dict[int, list[bool]] = {}
+    for k, ok in per_image.items():
+        by_count.setdefault(len(objects[k]), []).append(ok)
+    rows = [{"objects in the scene": n, "images": len(v), "caption accuracy": sum(v) / len(v)}
+            for n, v in sorted(by_count.items())]
+    wrong = [f"{k}: {predictions[k]!r} names {sorted(parse_caption(predictions[k]))}, the scene holds "
+             f"{sorted(object_set(objects[k]))}" for k, ok in per_image.items() if not ok][:n_wrong]
+    return rows, wrong

@@ -69,11 +69,56 @@ def llava_processor(image_size: int = 336, patch_size: int = 14):
                           chat_template=LLAVA_15_CHAT_TEMPLATE, image_token="<image>")
 
 
+def llava_15_7b_config(image_token_id: int = 32000, vocab_size: int = 32064):
+    """The architecture of llava-1.5-7b (CLIP ViT-L/14-336 + 2-layer GELU projector + Vicuna-7B), written out so
+    random weights need no hub."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
+                       image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", pad_token_id=32001)
+
+
+
+def _resize_processor(processor, image_size: int, patch_size: int):
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": image_size}
+    ip.crop_size = {"height": image_size, "width": image_size}
+    processor.patch_size = patch_size
+    return processor
+
+
+def random_llava(processor_from: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 attn_implementation: str = "sdpa"):
+    """``(model, processor)``: llava-1.5-7b's architecture with random weights, driven by the processor of
+    ``processor_from`` (a local LLaVA folder, e.g. the demo's stand-in) resized to 336 px / patch 14. For the GPU
+    benchmarks and dry runs without the 14 GB download: the speed is the real model's, the captions are noise."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(str(processor_from))
+    processor.tokenizer.padding_side = "left"
+    config = llava_15_7b_config()
+    if len(processor.tokenizer) > config.text_config.vocab_size:
+        raise ValueError(f"the tokenizer of {processor_from} has {len(processor.tokenizer)} tokens, more than the "
+                         f"model's vocabulary ({config.text_config.vocab_size})")
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    _resize_processor(processor, config.vision_config.image_size, config.vision_config.patch_size)
+    config._attn_implementation = attn_implementation
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval(), processor
+
+
 def save_llava(repo_id: str, cache_dir: Path, device: str = "cuda", log=print) -> Path:
     """llava-1.5-7b with random bf16 weights (~14 GB) into the cache as ``repo_id``."""
     from transformers import LlavaForConditionalGeneration
-
-    from ..llava import llava_15_7b_config
 
     processor = llava_processor()
     tok = processor.tokenizer

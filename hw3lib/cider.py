@@ -1,0 +1,107 @@
+"""CIDEr-D exactly as the course's ``evaluate.py`` computes it: pycocoevalcap's scorer after the PTB tokenizer (Java,
+shipped inside pycocoevalcap; without Java, :mod:`hw3lib.ptb` reproduces it in Python and says so once).
+
+This module imports no torch, so that :func:`cider_in_background` can run it in a process of its own while CLIP
+encodes the images (``python -m hw3lib.cider`` reads ``{"predictions", "references"}`` JSON on stdin).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from pycocoevalcap.cider.cider import Cider
+
+from .data import DataError, check_keys
+from .ptb import ptb_tokenize
+
+NO_JAVA = ("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
+           "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)")
+_warned_no_java = False
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def tokenize(captions_for_image: dict) -> dict:
+    """PTB-tokenise ``{key: [{"caption": str}, ...]}`` with Java when present, else the Python port (said once)."""
+    global _warned_no_java
+    if java_available():
+        return java_ptb_tokenize(captions_for_image)
+    if not _warned_no_java:
+        warnings.warn(NO_JAVA, stacklevel=2)
+        _warned_no_java = True
+    return ptb_tokenize(captions_for_image)
+
+
+def java_ptb_tokenize(captions_for_image: dict) -> dict:
+    """pycocoevalcap's ``PTBTokenizer.tokenize``, step for step (the same jar, flags, input and punctuation filter),
+    except where the temporary file lives: a temporary folder instead of pycocoevalcap's package folder (which may
+    be read-only, and kept the file when the job was killed), and Java's "PTBTokenizer tokenized ..." lines on
+    stderr are kept out of the output."""
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = Path(ptbtokenizer.__file__).resolve().parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+    keys = [k for k, v in captions_for_image.items() for _ in range(len(v))]
+    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
+    with tempfile.TemporaryDirectory(prefix="hw3-ptb-") as tmp:
+        (Path(tmp) / "captions.txt").write_bytes(sentences.encode())
+        done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", "captions.txt"], cwd=tmp, capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer (Java, {jar.name}) failed: {done.stderr.decode()[-300:]}")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    out: dict = {}
+    for k, line in zip(keys, done.stdout.decode().split("\n")):
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in punctuation))
+    return out
+
+
+def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[float, dict[str, float]]:
+    """CIDEr-D of ``predictions`` against ``references`` (keys must match). Returns (corpus score, per-image)."""
+    check_keys(predictions, references)
+    keys = list(references)
+    res = tokenize({k: [{"caption": predictions[k]}] for k in keys})
+    gts = tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
+    score, scores = Cider().compute_score(gts, res)
+    return float(score), {k: float(s) for k, s in zip(keys, scores)}
+
+
+def cider_in_background(predictions: dict[str, str], references: dict[str, list[str]]) -> Future:
+    """:func:`cider` in a separate Python process (pure Python and a Java tokenizer: a thread would hold the GIL
+    against the caller's work). ``.result()`` gives what :func:`cider` returns, or raises its error."""
+    global _warned_no_java
+    check_keys(predictions, references)
+    if not java_available() and not _warned_no_java:
+        warnings.warn(NO_JAVA, stacklevel=2)
+        _warned_no_java = True
+    proc = subprocess.Popen([sys.executable, "-m", "hw3lib.cider"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    payload = json.dumps({"predictions": predictions, "references": references})
+
+    def wait() -> tuple[float, dict[str, float]]:
+        out, err = proc.communicate(payload)
+        if proc.returncode != 0:
+            raise DataError(f"CIDEr failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        result = json.loads(out)
+        return result["score"], result["per_image"]
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(wait)
+    pool.shutdown(wait=False)
+    return future
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")  # the parent said it
+    job = json.load(sys.stdin)
+    score, per_image = cider(job["predictions"], job["references"])
+    json.dump({"score": score, "per_image": per_image}, sys.stdout)
