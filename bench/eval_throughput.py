@@ -65,6 +65,7 @@ def main() -> None:
     t0 = time.time()
     result = evaluate(tmp / "pred.json", p2 / "val.json", p2 / "images" / "val", clip=scorer)
     seconds = time.time() - t0
+    timed_dtype = str(scorer.dtype)  # the comparison below switches the model between fp16 and fp32
     precision = {"random_b32": _fp16_vs_fp32(scorer, pred, p2 / "images" / "val")}
     if args.demo_clip:
         demo = ClipScorer(ClipConfig(model=args.demo_clip, pretrained=None, device=args.device))
@@ -82,7 +83,7 @@ def main() -> None:
     out = {"device": name, "torch": torch.__version__, "java": java_available(), "captions": args.captions,
            "seconds": seconds, "captions_per_s": args.captions / seconds, "cider_seconds": t_cider,
            "clipscore_seconds": t_clip, "cider": result["cider"], "clipscore": result["clipscore"],
-           "clip_dtype": str(scorer.dtype), "clip_workers": scorer.num_workers, "fp16_vs_fp32": precision}
+           "clip_dtype": timed_dtype, "clip_workers": scorer.num_workers, "fp16_vs_fp32": precision}
     print(f"evaluate: {args.captions} captions in {seconds:.1f}s ({args.captions / seconds:.1f} captions/s), "
           f"CIDEr + CLIPScore end to end; separately CIDEr {t_cider:.1f}s, CLIPScore {t_clip:.1f}s", flush=True)
     if args.json:
