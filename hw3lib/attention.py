@@ -36,7 +36,13 @@ def aggregate(maps: np.ndarray, layer: int | str = -1, heads: int | str = "mean"
         return x.mean(axis=1)
     if heads == "max":
         return x.max(axis=1)
-    return x[:, int(heads)]
+    try:
+        index = int(heads)
+    except ValueError:
+        raise ValueError(f"attention_heads {heads!r}: expected 'mean', 'max' or a head index") from None
+    if not -x.shape[1] <= index < x.shape[1]:
+        raise ValueError(f"attention_heads {index}: the model has {x.shape[1]} heads")
+    return x[:, index]
 
 
 def words_and_maps(token_strings: list[str], maps: np.ndarray, decode) -> tuple[list[str], np.ndarray]:

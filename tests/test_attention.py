@@ -140,3 +140,12 @@ def test_choose_layer():
         choose_layer(7, 4)
     with pytest.raises(ValueError, match="'best', 'mean' or a layer index"):
         choose_layer("last", 4)
+
+
+def test_aggregate_names_a_bad_head():
+    maps = np.zeros((2, 3, 4, 2, 2))
+    assert aggregate(maps, 1, "3").shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="expected 'mean', 'max' or a head index"):
+        aggregate(maps, 1, "sideways")
+    with pytest.raises(ValueError, match="has 4 heads"):
+        aggregate(maps, 1, 9)
