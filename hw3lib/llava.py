@@ -407,8 +407,11 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     maps = torch.stack([att[layer][0, :, q, span[0] + first : span[1]] for layer in layers])  # (L, H, T, n)
     maps = maps.permute(2, 0, 1, 3).float().reshape(T, len(layers), -1, rows, cols).cpu().numpy()
     tokens = [tok.decode([t]) for t in generated_ids]
+    # an id past the tokenizer (one of the model's padding rows, which random weights do generate) has no string:
+    # it becomes a word of its own with no text, which words_and_maps drops
+    strings = [s if s is not None else " " for s in tok.convert_ids_to_tokens(generated_ids)]
     return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens,
-                          tok.convert_ids_to_tokens(generated_ids), maps, layers, span, prompt_len)
+                          strings, maps, layers, span, prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------- sweep
