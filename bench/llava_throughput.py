@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hw3lib.data import list_images, load_image  # noqa: E402
-from hw3lib.llava import LlavaGeneration, build_prompt, caption_records  # noqa: E402
+from hw3lib.llava import DEFAULT_INSTRUCTION, LlavaGeneration, build_prompt, caption_records  # noqa: E402
 from hw3lib.rehearsal.weights import random_llava  # noqa: E402
 
 PEAKS = {  # dense bf16 TFLOP/s, HBM TB/s (SXM parts)
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--image-dir", default="", help="write the JPEGs here (default: a temporary folder)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    instruction = "Describe this image in one sentence."
+    instruction = DEFAULT_INSTRUCTION
 
     name = torch.cuda.get_device_name()
     card = next((k for k in PEAKS if k in name), name)

@@ -123,7 +123,7 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
-def llava_data_flow(config, instruction: str = "Describe this image in one sentence.") -> Figure:
+def llava_data_flow(config, instruction: str) -> Figure:
     """LLaVA-1.5's data flow, with the sizes of ``config`` (a ``LlavaConfig``): image -> CLIP vision tower ->
     patch features of layer ``vision_feature_layer`` -> MLP projector -> visual tokens spliced into the prompt at
     the ``<image>`` placeholder -> language model -> caption."""
