@@ -2,9 +2,11 @@
 aggregation, the image as the model saw it, upsampling, and the choice of the layer to show. Pointing accuracy,
 which needs the shapes world's ground truth, is in :mod:`hw3lib.demo.pointing`.
 
-Both models give, for every generated token, the attention of the query that produced it over the visual tokens,
-as an array ``(T, layers, heads, rows, cols)`` over the patch grid (row-major, as the encoder saw the image after
-its resize + centre crop): :func:`hw3lib.llava.attention_maps` and :func:`captioner_maps` below.
+Both models give, for every generated token, two attentions over the visual tokens, each an array
+``(T, layers, heads, rows, cols)`` over the patch grid (row-major, as the encoder saw the image after its resize +
+centre crop): that of the query that *predicts* the token (the course's convention) and that of the query that
+*reads* it (the token as input, predicting the next one). :func:`with_query` picks one or their mean ("both");
+notebook 04 measures which points best. :func:`hw3lib.llava.attention_maps` and :func:`captioner_maps` below.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 WORD_START = (" ", "\u0120", "\u2581")  # a space, GPT-2 byte-level BPE's "Ġ", SentencePiece's "▁"
+QUERIES = ("predict", "read", "both")  # whose attention is a word's map (see with_query)
 
 
 def word_groups(token_strings: list[str]) -> list[list[int]]:
@@ -43,6 +46,22 @@ def aggregate(maps: np.ndarray, layer: int | str = -1, heads: int | str = "mean"
     if not -x.shape[1] <= index < x.shape[1]:
         raise ValueError(f"attention_heads {index}: the model has {x.shape[1]} heads")
     return x[:, index]
+
+
+def check_query(query: str) -> str:
+    if query not in QUERIES:
+        raise ValueError(f"attention_query {query!r}: expected one of {', '.join(QUERIES)}")
+    return query
+
+
+def with_query(entry: dict, query: str = "predict") -> dict:
+    """The entry with ``maps`` set to its words' maps for ``query``: ``"predict"`` (the attention of the step that
+    predicts the word, the course's convention), ``"read"`` (of the step that reads it, which predicts the next
+    word) or ``"both"`` (their mean). ``entry`` has ``predict_maps`` and ``read_maps``, as
+    :func:`captioner_entries` and :func:`llava_entries` give."""
+    check_query(query)
+    p, r = entry["predict_maps"], entry["read_maps"]
+    return {**entry, "query": query, "maps": p if query == "predict" else r if query == "read" else (p + r) / 2}
 
 
 def words_and_maps(token_strings: list[str], maps: np.ndarray, decode) -> tuple[list[str], np.ndarray]:
@@ -78,31 +97,49 @@ def upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ captioner maps
 @torch.no_grad()
-def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=None) -> list[dict]:
-    """Caption pre-computed features with attention; per image ``{"caption", "tokens", "maps"}`` with ``maps``
-    ``(T, layers, heads, rows, cols)`` over the (pooled) patch grid -- the CLS token, if used, left out."""
+def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=None, batch_size: int = 16
+                   ) -> list[dict]:
+    """Caption pre-computed features, then read the attention of one teacher-forced pass over each caption; per
+    image ``{"caption", "token_ids", "tokens", "maps", "read_maps"}``. ``maps`` ``(T, layers, heads, rows, cols)``
+    over the (pooled) patch grid is the attention of the query that predicted each token (with causal attention
+    it equals what ``generate(output_attentions=True)`` records; the tests compare them); ``read_maps`` that of the
+    query that reads it (for the last token: the step that closes the caption). The CLS token, if used, is left
+    out."""
     from .captioner import GenerationConfig
 
     model.eval()
-    out = model.generate(features, gen or GenerationConfig(), output_attentions=True)
-    rows, cols = grid
+    out = model.generate(features, gen or GenerationConfig())
     pool = model.cfg.encoder.pool
-    rows, cols = rows // pool, cols // pool
-    first = 1 if model.cfg.encoder.use_cls else 0
+    rows, cols = grid[0] // pool, grid[1] // pool
+    eot = model.tokenizer.eot_id
     results = []
-    for ids, caption, att in zip(out.token_ids, out.captions, out.attentions):
-        att = att[: len(ids)].numpy()  # the closing <|endoftext|> is not a word
-        maps = att[..., first:].reshape(*att.shape[:3], rows, cols)
-        results.append({"caption": caption, "token_ids": ids, "tokens": model.tokenizer.token_strings(ids),
-                        "maps": maps})
+    for start in range(0, len(features), batch_size):
+        chunk = out.token_ids[start : start + batch_size]
+        width = max(map(len, chunk)) + 1
+        input_ids = torch.tensor([[eot, *ids] + [eot] * (width - 1 - len(ids)) for ids in chunk],
+                                 device=features.device)
+        with torch.no_grad():
+            res = model(features[start : start + batch_size], input_ids, output_attentions=True)
+        V = res.logits.shape[1] - width  # visual tokens: the text follows them
+        # (B, L, H, width, grid): the text queries over the grid positions (the CLS token left out)
+        att = torch.stack([a[:, :, V:, V - rows * cols : V] for a in res.attentions], 1)
+        att = att.permute(0, 3, 1, 2, 4).float().cpu().numpy()
+        for ids, a in zip(chunk, att):
+            T = len(ids)
+            grid_rows = a[: T + 1].reshape(T + 1, *a.shape[1:3], rows, cols)
+            results.append({"caption": out.captions[len(results)], "token_ids": ids,
+                            "tokens": model.tokenizer.token_strings(ids), "maps": grid_rows[:T],
+                            "read_maps": grid_rows[1:]})
     return results
 
 
 # ------------------------------------------------------------------------------------------ both models, per image
-def captioner_entries(model, encoder, transform, records, gen=None, batch_size: int = 64, device=None) -> list[dict]:
+def captioner_entries(model, encoder, transform, records, gen=None, batch_size: int = 64, device=None,
+                      query: str = "predict") -> list[dict]:
     """Caption ``records`` with the P2 captioner and return, per image, what the figures and the pointing score
-    need: ``file_id``, ``caption``, ``words``, ``maps`` (W, layers, heads, rows, cols), ``layers``, ``view`` (the
-    image as the encoder saw it), ``size``, ``crop_pct``, ``patch_px`` (one encoder patch in view pixels)."""
+    need: ``file_id``, ``caption``, ``words``, ``predict_maps`` and ``read_maps`` (W, layers, heads, rows, cols),
+    ``maps`` and ``query`` (those of ``query``, see :func:`with_query`), ``layers``, ``view`` (the image as the
+    encoder saw it), ``size``, ``crop_pct``, ``patch_px`` (one encoder patch in view pixels)."""
     from timm.data import resolve_data_config
 
     from .captioner import encoder_grid, extract_features
@@ -119,16 +156,18 @@ def captioner_entries(model, encoder, transform, records, gen=None, batch_size: 
     entries = []
     for rec, res in zip(records, results):
         ids = res["token_ids"]
-        words, maps = words_and_maps(res["tokens"], res["maps"],
-                                     lambda g, ids=ids: model.tokenizer.decode([ids[i] for i in g]))
-        entries.append({"file_id": rec.file_id, "caption": res["caption"], "words": words, "maps": maps,
-                        "layers": list(range(maps.shape[1])), "view": model_view(load_image(rec.image_path), size,
-                                                                                  crop_pct),
-                        "size": size, "crop_pct": crop_pct, "patch_px": size / grid[0]})
+        decode = lambda g, ids=ids: model.tokenizer.decode([ids[i] for i in g])  # noqa: E731
+        words, maps = words_and_maps(res["tokens"], res["maps"], decode)
+        entries.append(with_query({
+            "file_id": rec.file_id, "caption": res["caption"], "words": words, "predict_maps": maps,
+            "read_maps": words_and_maps(res["tokens"], res["read_maps"], decode)[1],
+            "layers": list(range(maps.shape[1])), "view": model_view(load_image(rec.image_path), size, crop_pct),
+            "size": size, "crop_pct": crop_pct, "patch_px": size / grid[0]}, query))
     return entries
 
 
-def llava_entries(model, processor, records, instruction: str, generation=None) -> list[dict]:
+def llava_entries(model, processor, records, instruction: str, generation=None, query: str = "predict"
+                  ) -> list[dict]:
     """The same for LLaVA (one image at a time: one teacher-forced pass with eager attention per image)."""
     from .data import load_image
     from .llava import LlavaGeneration, attention_maps
@@ -143,11 +182,13 @@ def llava_entries(model, processor, records, instruction: str, generation=None) 
         image = load_image(rec.image_path)
         a = attention_maps(model, processor, image, instruction, generation or LlavaGeneration())
         ids = a.token_ids
-        words, maps = words_and_maps(a.token_strings, a.maps,
-                                     lambda g, ids=ids: processor.tokenizer.decode([ids[i] for i in g]))
-        entries.append({"file_id": rec.file_id, "caption": a.caption, "words": words, "maps": maps,
-                        "layers": a.layers, "view": model_view(image, size, crop_pct), "size": size,
-                        "crop_pct": crop_pct, "patch_px": float(patch)})
+        decode = lambda g, ids=ids: processor.tokenizer.decode([ids[i] for i in g])  # noqa: E731
+        words, maps = words_and_maps(a.token_strings, a.maps, decode)
+        entries.append(with_query({
+            "file_id": rec.file_id, "caption": a.caption, "words": words, "predict_maps": maps,
+            "read_maps": words_and_maps(a.token_strings, a.read_maps, decode)[1], "layers": a.layers,
+            "view": model_view(image, size, crop_pct), "size": size, "crop_pct": crop_pct,
+            "patch_px": float(patch)}, query))
     return entries
 
 
@@ -166,3 +207,18 @@ def choose_layer(setting: int | str, n_layers: int, accuracy: dict[str, float] |
     if not -n_layers <= index < n_layers:
         raise ValueError(f"attention_layer {index}: the model has {n_layers} layers")
     return index % n_layers
+
+
+def choose_view(layer: int | str, query: str, n_layers: int,
+                accuracy: dict[str, dict[str, float]] | None = None) -> tuple[str, int | str]:
+    """``(query, layer)`` to draw. ``query`` as in :func:`with_query` or ``"best"``; ``layer`` as in
+    :func:`choose_layer`. ``accuracy`` (pointing accuracy, ``{query: {layer label: accuracy}}``, when measured)
+    decides each ``"best"``: the pair that points best. Unmeasured, ``"best"`` means the course's choice: the
+    ``"predict"`` query and the last layer."""
+    accuracy = accuracy or {}
+    if query != "best":
+        return check_query(query), choose_layer(layer, n_layers, accuracy.get(query))
+    if not accuracy:
+        return "predict", choose_layer(layer, n_layers)
+    pairs = [(q, choose_layer(layer, n_layers, acc)) for q, acc in accuracy.items()]
+    return max(pairs, key=lambda pair: accuracy[pair[0]].get(str(pair[1]), float("-inf")))

@@ -344,16 +344,19 @@ def vision_grid(model) -> tuple[int, int]:
 
 @dataclass
 class LlavaAttention:
-    """Attention of each generated token over the image positions, from the step that produced the token.
+    """Attention of each generated token over the image positions, from the step that produced the token
+    (``maps``) and from the step that reads it (``read_maps``).
 
     ``maps[t, l, h]`` is a (rows, cols) grid: token ``t``'s query (the position that predicted it) in layer
-    ``layers[l]``, head ``h``; row-major over the patches as the vision tower saw them (after resize + crop)."""
+    ``layers[l]``, head ``h``; row-major over the patches as the vision tower saw them (after resize + crop).
+    ``read_maps[t]`` is the query at token ``t``'s own position (the one that predicts the next token)."""
 
     caption: str
     token_ids: list[int]
     tokens: list[str]  # one string per generated token (sub-words, with their leading space)
     token_strings: list[str]  # the tokenizer's own strings; word starts marked ("Ġ" byte-level, "▁" SentencePiece)
     maps: np.ndarray  # (T, len(layers), heads, rows, cols) float32
+    read_maps: np.ndarray  # the same shape
     layers: list[int]
     span: tuple[int, int]  # image positions in the prompt
     prompt_length: int
@@ -388,8 +391,8 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     T = len(generated_ids)
     if T == 0:
         heads = model.config.text_config.num_attention_heads
-        return LlavaAttention("", [], [], [], np.zeros((0, len(layers), heads, rows, cols), np.float32), layers,
-                              span, prompt_len)
+        empty = np.zeros((0, len(layers), heads, rows, cols), np.float32)
+        return LlavaAttention("", [], [], [], empty, empty, layers, span, prompt_len)
     full = torch.cat([enc["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
     previous = {k: getattr(model.config, k)._attn_implementation for k in ("text_config", "vision_config")}
     model.set_attn_implementation("eager")  # attention weights exist only in the eager implementation
@@ -403,15 +406,15 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     first = n_image - rows * cols  # 1 when the CLS token was kept ("full" strategy)
     if first not in (0, 1):
         raise ValueError(f"{n_image} image tokens do not fit a {rows} x {cols} grid")
-    q = slice(prompt_len - 1, prompt_len - 1 + T)
-    maps = torch.stack([att[layer][0, :, q, span[0] + first : span[1]] for layer in layers])  # (L, H, T, n)
-    maps = maps.permute(2, 0, 1, 3).float().reshape(T, len(layers), -1, rows, cols).cpu().numpy()
+    q = slice(prompt_len - 1, prompt_len + T)  # the query that predicts each token, then the one that reads the last
+    maps = torch.stack([att[layer][0, :, q, span[0] + first : span[1]] for layer in layers])  # (L, H, T + 1, n)
+    maps = maps.permute(2, 0, 1, 3).float().reshape(T + 1, len(layers), -1, rows, cols).cpu().numpy()
     tokens = [tok.decode([t]) for t in generated_ids]
     # an id past the tokenizer (one of the model's padding rows, which random weights do generate) has no string:
     # it becomes a word of its own with no text, which words_and_maps drops
     strings = [s if s is not None else " " for s in tok.convert_ids_to_tokens(generated_ids)]
     return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens,
-                          strings, maps, layers, span, prompt_len)
+                          strings, maps[:T], maps[1:], layers, span, prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------- sweep

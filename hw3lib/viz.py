@@ -222,8 +222,9 @@ def word_attention(view, words: list[str], maps: np.ndarray, title: str = "", no
 
 
 def pointing_table_plot(tables: dict[str, dict], chance: float) -> Figure:
-    """Pointing accuracy per layer for each model (``{model: {layer: accuracy}}``) against the chance rate."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    """Pointing accuracy per layer for each series (``{label: {layer: accuracy}}``, a label per model or per model
+    and query) against the chance rate."""
+    fig, ax = plt.subplots(figsize=(8.5, 3.4))
     width = 0.8 / max(1, len(tables))
     for j, (name, table) in enumerate(tables.items()):
         keys = list(table)
@@ -232,7 +233,7 @@ def pointing_table_plot(tables: dict[str, dict], chance: float) -> Figure:
                       [f"layer {k}" if k != "mean" else "mean of layers" for k in keys])
     ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance {chance:.2f}")
     ax.set(ylabel="pointing accuracy", ylim=(0, 1), title="does the peak of a colour / shape word's map hit it?")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 

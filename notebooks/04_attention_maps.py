@@ -1,13 +1,14 @@
 # %% [markdown]
 # # 04 · Where does each word look? Attention maps (P3)
 #
-# For every generated word, the attention of the query that produced it over the image patches, for both models:
+# For every generated word, its attention over the image patches, for both models:
 # the P2 captioner (its ViT grid, pooled as in training) and LLaVA (the vision tower's grid: 24 × 24 for
 # llava-1.5 at 336 px / patch 14). Three things are easy to get wrong, and the workbook does them as follows:
 #
 # * **Positions.** The captioner's visual tokens are the first positions of its decoder input (CLS first, when
 #   used). LLaVA's image positions are found from the image token id in `input_ids`, never from a fixed offset.
-#   The attention of token *t* is the attention row of the position that *predicted* it.
+#   Two attention rows belong to token *t*: that of the position that *predicted* it (the course's convention)
+#   and that of its own position, which *reads* it. `attention_query` picks one, or their mean (`"both"`).
 # * **Grid.** The map is reshaped to the encoder's own grid, row-major, and drawn over the image **as the
 #   encoder saw it**: the same resize of the shorter side and the same centre crop. It is never stretched over a
 #   different aspect.
@@ -15,8 +16,8 @@
 #
 # On the shapes world the answer is known. A colour or shape word *points* correctly when the peak of its map
 # lies inside, or within one encoder patch of, an object with that colour or shape. **Pointing accuracy** per layer,
-# next to the chance rate (the fraction of patches that would count as a hit), says which layer gives faithful
-# maps. The layer is measured, not guessed.
+# next to the chance rate (the fraction of patches that would count as a hit), says which layer and which query
+# give faithful maps. They are measured, not guessed.
 
 # %% tags=["parameters"]
 data_root: str = "data/demo/hw3_data"  # hw3_data root
@@ -25,6 +26,7 @@ llava_model: str = "data/demo/models/llava"  # local folder or hub id (configs/h
 llava_instruction: str = ""  # "": the best instruction of notebook 01
 attention_layer: str = "best"  # a layer index, "mean" over layers, or "best" (highest pointing accuracy; else the last)
 attention_heads: str = "mean"  # "mean", "max" or a head index
+attention_query: str = "best"  # "predict" (the course's), "read", "both" (their mean), or "best" (else "predict")
 pointing_images: int = 100  # val images scored for pointing accuracy (shapes world only)
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
@@ -36,7 +38,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.attention import aggregate, captioner_entries, choose_layer, llava_entries
+from hw3lib.attention import QUERIES, aggregate, captioner_entries, choose_view, llava_entries, with_query
 from hw3lib.captioner import load_adapter
 from hw3lib.data import hw3_split, list_images
 from hw3lib.demo.world import ground_truth
@@ -66,47 +68,51 @@ print(f"captioner: {adapter}\nLLaVA: {P.llava_model}, instruction {instruction!r
 # ## Pointing accuracy by layer (shapes world)
 #
 # Each model captions the first validation images (the captioner on p2 val, LLaVA on p1 val). Every colour or
-# shape word in the captions is scored at every layer.
+# shape word in the captions is scored at every layer, with each query's maps.
 
 # %%
 tables = {}
 if ground_truth(root / "p2_data") is not None:
-    from hw3lib.demo.pointing import pointing_summary, pointing_table
+    from hw3lib.demo.pointing import pointing_findings, pointing_summary, pointing_table
 
     for name, part in (("captioner", "p2_data"), ("llava", "p1_data")):
         recs = hw3_split(root, part)[: P.pointing_images]
         entries = (captioner_entries(captioner, encoder, transform, recs) if name == "captioner"
                    else llava_entries(llava, processor, recs, instruction))
-        tables[name] = pointing_table(entries, root / part, heads=P.attention_heads)
+        tables[name] = {q: pointing_table(entries, root / part, P.attention_heads, q) for q in QUERIES}
     summary, rows = pointing_summary(tables, P.attention_heads)
     display(Markdown(viz.markdown_table(rows)))
-    fig = viz.pointing_table_plot({name: summary[name] for name in tables}, summary["chance"])
+    fig = viz.pointing_table_plot({f"{name}, {q}": summary[name][q] for name in tables for q in QUERIES},
+                                  summary["chance"])
     fig.savefig(out / "figures/04_pointing.png", dpi=110)
     plt.show()
+    display(Markdown(pointing_findings(summary, list(tables))))
 else:
     summary = {}
     print("not the shapes world: no ground truth for pointing accuracy")
 
 # %% [markdown]
 # Read the table against the `chance` column: a map that ignored the image would still point correctly that often.
-# Which layer points best for each model, and how far above chance is it? The layer drawn below follows the
-# `attention_layer` parameter; `"best"` takes the row with the highest pointing accuracy.
+# Which layer and which query point best for each model, and how far above chance are they? The maps drawn below
+# follow the `attention_layer` and `attention_query` parameters; `"best"` takes the row with the highest pointing
+# accuracy.
 #
 # ## The five P3 images, both models
 #
 # Each figure is the course's report layout: the image as the model saw it, then one panel per word. Its title
-# says the layer and the head aggregation.
+# says the layer, the query and the head aggregation.
 
 # %%
 p3 = list_images(root / "p3_data/images")
 p3_entries = {"captioner": captioner_entries(captioner, encoder, transform, p3),
               "llava": llava_entries(llava, processor, p3, instruction)}
 for name, entries in p3_entries.items():
-    for e in entries:
-        e["layer"] = layer = choose_layer(P.attention_layer, len(e["layers"]), summary.get(name))
+    query, layer = choose_view(P.attention_layer, P.attention_query, len(entries[0]["layers"]), summary.get(name))
+    for i, e in enumerate(entries):
+        entries[i] = e = {**with_query(e, query), "layer": layer}
         maps = aggregate(e["maps"], layer, P.attention_heads)
-        note = f"{name}: layer {layer} of {len(e['layers'])}, heads {P.attention_heads}; {maps.shape[1]} x " \
-               f"{maps.shape[2]} grid"
+        note = f"{name}: layer {layer} of {len(e['layers'])}, {query} query, heads {P.attention_heads}; " \
+               f"{maps.shape[1]} x {maps.shape[2]} grid"
         fig = viz.word_attention(e["view"], e["words"], maps, title=f"{e['file_id']}: {e['caption']}", note=note)
         fig.savefig(out / f"figures/04_{name}_{e['file_id']}.png", dpi=100)
         plt.show()
@@ -123,6 +129,7 @@ viz.attention_browser({f"{e['file_id']} / {name}": e for name, entries in p3_ent
 
 # %%
 summary["layer_shown"] = {name: str(entries[0]["layer"]) for name, entries in p3_entries.items()}
+summary["query_shown"] = {name: entries[0]["query"] for name, entries in p3_entries.items()}
 summary["p3_captions"] = {name: {e["file_id"]: e["caption"] for e in entries} for name, entries in p3_entries.items()}
 save_metrics(out, "attention", summary)
 {k: v for k, v in summary.items() if k != "p3_captions"}
@@ -131,9 +138,12 @@ save_metrics(out, "attention", summary)
 # ## Try it yourself
 #
 # 1. Set `attention_heads = "max"` and run again. Does the best layer change? Do the maps get sharper or noisier?
-# 2. Set `attention_layer = "0"` (the first layer), then `"mean"`. Compare the P3 figures with the best layer's:
+# 2. Set `attention_query = "predict"` (the course's convention) and compare the P3 figures with `"both"`. At the
+#    step that predicts "red", the model has not said "red" yet; at the step that reads it, it has. Which of the
+#    two looks at the red object in the first layer, and why might their mean point better than either?
+# 3. Set `attention_layer = "0"` (the first layer), then `"mean"`. Compare the P3 figures with the best layer's:
 #    which words stop pointing at their object?
-# 3. In the browser, pick a word like "the" or "and" and compare it with a colour word. Where do function words
+# 4. In the browser, pick a word like "the" or "and" and compare it with a colour word. Where do function words
 #    look, and why might that be?
-# 4. Set `llava_instruction = "Describe the image in detail."`: longer captions, more words to score. Does LLaVA's
+# 5. Set `llava_instruction = "Describe the image in detail."`: longer captions, more words to score. Does LLaVA's
 #    pointing accuracy hold up over a long answer?

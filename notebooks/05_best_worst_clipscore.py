@@ -56,14 +56,17 @@ print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard 
 # %% [markdown]
 # ## The two pairs, with the attention of every word
 #
-# The maps use the layer that notebook 04 chose for the captioner (its `layer_shown`), so the two notebooks agree.
+# The maps use the layer and the query that notebook 04 chose for the captioner (its `layer_shown` and
+# `query_shown`), so the two notebooks agree.
 
 # %%
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
 captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 attention_file = out / "metrics/attention.json"
-shown = read_json(attention_file).get("layer_shown", {}) if attention_file.is_file() else {}
-entries = dict(zip(("top", "bottom"), captioner_entries(captioner, encoder, transform, [val[top], val[bottom]])))
+chosen = read_json(attention_file) if attention_file.is_file() else {}
+shown, query = chosen.get("layer_shown", {}), chosen.get("query_shown", {}).get("captioner", "predict")
+entries = dict(zip(("top", "bottom"), captioner_entries(captioner, encoder, transform, [val[top], val[bottom]],
+                                                       query=query)))
 pairs = {label: {"image": key, **per_image[key], "references": list(val[key].references)}
          for label, key in (("top", top), ("bottom", bottom))}
 for label, e in entries.items():
@@ -72,7 +75,7 @@ for label, e in entries.items():
                      f"\n\n- caption: *{pair['caption']}*\n" + "".join(f"- reference: {r}\n" for r in pair["references"])))
     fig = viz.word_attention(e["view"], e["words"], aggregate(e["maps"], layer, P.attention_heads),
                              title=f"{label}-1 by CLIPScore: {e['caption']}",
-                             note=f"captioner, layer {layer}, heads {P.attention_heads}")
+                             note=f"captioner, layer {layer}, {query} query, heads {P.attention_heads}")
     fig.savefig(out / f"figures/05_{label}.png", dpi=100)
     plt.show()
 

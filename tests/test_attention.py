@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hw3lib.attention import (aggregate, captioner_maps, choose_layer, crop_box, model_view, upsample, word_groups,
-                              words_and_maps)
+from hw3lib.attention import (aggregate, captioner_maps, choose_layer, choose_view, crop_box, model_view, upsample,
+                              with_query, word_groups, words_and_maps)
 from hw3lib.demo.pointing import hit_region, point, pointing_by_layer, view_labels
 
 
@@ -91,8 +91,8 @@ def test_pointing_hit_miss_and_chance():
     assert (table["0"].hits, table["0"].total) == (2, 2) and table["1"].hits == 1
 
 
-def test_captioner_maps_cover_the_pooled_grid_without_cls(models_dir, world):
-    from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, encoder_grid, paths_for
+def test_captioner_maps_cover_the_pooled_grid_and_equal_the_generation_steps(models_dir, world):
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, encoder_grid, paths_for
     from hw3lib.data import list_images
     from hw3lib.decoder import LoraConfig
     from hw3lib.captioner import extract_features
@@ -103,11 +103,18 @@ def test_captioner_maps_cover_the_pooled_grid_without_cls(models_dir, world):
     recs = list_images(world / "p3_data" / "images")[:2]
     feats = extract_features(encoder, transform, recs, cfg.encoder)
     torch.manual_seed(0)
-    out = captioner_maps(model, feats, encoder_grid(encoder))
+    gen = GenerationConfig(max_new_tokens=8)
+    out = captioner_maps(model, feats, encoder_grid(encoder), gen, batch_size=1)
     n_layer, n_head = model.decoder.cfg.n_layer, model.decoder.cfg.n_head
-    for res in out:
+    # the teacher-forced pass equals what generate records step by step (the CLS position dropped)
+    ref = model.generate(feats, gen, output_attentions=True)
+    for i, res in enumerate(out):
         T = len(res["token_ids"])
-        assert res["maps"].shape == (T, n_layer, n_head, 6, 6)
+        assert res["token_ids"] == ref.token_ids[i] and T >= 2
+        assert res["maps"].shape == res["read_maps"].shape == (T, n_layer, n_head, 6, 6)
+        steps = ref.attentions[i][:, :, :, 1:].reshape(-1, n_layer, n_head, 6, 6).numpy()
+        np.testing.assert_allclose(res["maps"], steps[:T], atol=1e-5)
+        np.testing.assert_allclose(res["read_maps"][: len(steps) - 1], steps[1:T + 1], atol=1e-5)
         assert np.all(res["maps"].sum(axis=(-1, -2)) < 1 + 1e-5)  # the CLS and text positions take the rest
 
 
@@ -130,6 +137,23 @@ def test_browser_controls_hold_values_across_images():
     layer.value = 4
     pick.value = "a / captioner"
     assert layer.value == 1 and len(layer.options) == 4  # layer 4 is not there: back to the entry's first
+
+
+def test_with_query_and_choose_view():
+    p, r = np.zeros((2, 1, 1, 2, 2)), np.ones((2, 1, 1, 2, 2))
+    entry = {"predict_maps": p, "read_maps": r, "words": ["a", "b"]}
+    assert with_query(entry, "predict")["maps"] is p and with_query(entry, "read")["maps"] is r
+    assert np.all(with_query(entry, "both")["maps"] == 0.5) and with_query(entry, "both")["query"] == "both"
+    with pytest.raises(ValueError, match="attention_query 'next'"):
+        with_query(entry, "next")
+    acc = {"predict": {"0": 0.7, "1": 0.6, "mean": 0.8}, "read": {"0": 0.5, "1": 0.75, "mean": 0.6},
+           "both": {"0": 0.9, "1": 0.55, "mean": 0.99}}
+    assert choose_view("best", "best", 2, acc) == ("both", 0)  # "mean" is not a layer
+    assert choose_view("1", "best", 2, acc) == ("read", 1)
+    assert choose_view("best", "read", 2, acc) == ("read", 1)
+    assert choose_view("best", "best", 2, None) == ("predict", 1)  # unmeasured: the course's choice
+    with pytest.raises(ValueError, match="attention_query"):
+        choose_view("best", "first", 2, acc)
 
 
 def test_choose_layer():

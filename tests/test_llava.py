@@ -117,7 +117,7 @@ def test_attention_equals_the_attentions_generate_records(llava, p1_records):
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     T = len(att.token_ids)
     L, H = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
-    assert att.maps.shape == (T, L, H, grid, grid) and T >= 2
+    assert att.maps.shape == att.read_maps.shape == (T, L, H, grid, grid) and T >= 2
     assert "".join(att.tokens).strip() == att.caption
     from PIL import Image
 
@@ -134,6 +134,10 @@ def test_attention_equals_the_attentions_generate_records(llava, p1_records):
         for layer in range(L):
             ref = out.attentions[t][layer][0, :, -1, s:e].reshape(H, grid, grid)
             np.testing.assert_allclose(att.maps[t, layer], ref.float().numpy(), atol=1e-5)
+            if t + 1 < len(out.attentions):  # the step that reads token t is the one that predicts token t + 1
+                ref = out.attentions[t + 1][layer][0, :, -1, s:e].reshape(H, grid, grid)
+                np.testing.assert_allclose(att.read_maps[t, layer], ref.float().numpy(), atol=1e-5)
+    assert len(out.attentions) > T - 1 > 0
     assert np.all(att.maps.sum(axis=(-1, -2)) <= 1 + 1e-5)
 
 

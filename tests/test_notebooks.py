@@ -103,8 +103,12 @@ def test_captioner_notebooks_run_quickly(world, tmp_path):
     cfg.parameters = {**cfg.parameters, "pointing_images": 6}
     merged = wb.run(cfg, only=["04_attention_maps", "05_best_worst_clipscore"], log=lambda *_: None)
     attention = merged["attention"]
-    assert 0 < attention["chance"] < 1 and set(attention["llava"]) == {"0", "1", "2", "mean"}
-    assert set(attention["captioner"]) == {"0", "1", "2", "mean"} and len(attention["p3_captions"]["llava"]) == 5
+    assert 0 < attention["chance"] < 1 and set(attention["llava"]) == {"predict", "read", "both"}
+    for model in ("captioner", "llava"):
+        assert all(set(by_layer) == {"0", "1", "2", "mean"} for by_layer in attention[model].values())
+        query, layer = attention["query_shown"][model], attention["layer_shown"][model]
+        assert max(v for k, v in attention[model][query].items() if k != "mean") == attention[model][query][layer]
+    assert len(attention["p3_captions"]["llava"]) == 5
     pairs = merged["best_worst"]
     assert pairs["top"]["clipscore"] >= pairs["bottom"]["clipscore"]
     assert {"image", "caption", "clipscore"} <= set(pairs["top"]) and pairs["top"]["image"] in per_image

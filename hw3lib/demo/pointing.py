@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..attention import aggregate, crop_box
+from ..attention import aggregate, choose_view, crop_box, with_query
 from .world import COLORS, SHAPES, load_masks, load_objects
 
 
@@ -108,26 +108,44 @@ def pointing_items(entries: list[dict], objects: dict[str, list[dict]], masks: d
              "labels": view_labels(masks[e["file_id"]], e["size"], e["crop_pct"])} for e in entries]
 
 
-def pointing_table(entries: list[dict], split_dir: str | Path, heads: int | str = "mean") -> dict[str, Pointing]:
+def pointing_table(entries: list[dict], split_dir: str | Path, heads: int | str = "mean", query: str = "predict"
+                   ) -> dict[str, Pointing]:
     """Pointing accuracy by layer for the entries of :func:`hw3lib.attention.captioner_entries` /
     :func:`~hw3lib.attention.llava_entries` on one split of the world (``split_dir``: ``p1_data`` or ``p2_data``;
-    validation images)."""
+    validation images), with the words' maps of ``query`` (:func:`hw3lib.attention.with_query`)."""
     split_dir = Path(split_dir)
-    items = pointing_items(entries, load_objects(split_dir / "val_objects.json"),
+    items = pointing_items([with_query(e, query) for e in entries], load_objects(split_dir / "val_objects.json"),
                            load_masks(split_dir / "val_masks.npz"))
     return pointing_by_layer(items, COLORS, SHAPES, radius=entries[0]["patch_px"], heads=heads)
 
 
-def pointing_summary(tables: dict[str, dict[str, Pointing]], heads: int | str) -> tuple[dict, list[dict]]:
-    """Notebook 04's record of :func:`pointing_table` results per model, and its table rows (accuracy next to the
-    chance rate). ``summary[model]`` maps each layer label to its accuracy."""
-    rows = [{"model": name, "layer": layer, "words": p.total, "pointing accuracy": p.accuracy, "chance": p.chance,
-             "x chance": p.accuracy / p.chance if p.chance else float("nan")}
-            for name, table in tables.items() for layer, p in table.items()]
-    chance_sum = sum(t["mean"].chance_sum for t in tables.values())
-    words = sum(t["mean"].total for t in tables.values())
+def pointing_summary(tables: dict[str, dict[str, dict[str, Pointing]]], heads: int | str) -> tuple[dict, list[dict]]:
+    """Notebook 04's record of :func:`pointing_table` results (``tables[model][query]``), and its table rows
+    (accuracy next to the chance rate). ``summary[model][query]`` maps each layer label to its accuracy. The chance
+    rate depends on the words and the images only, not on the query."""
+    rows = [{"model": name, "query": query, "layer": layer, "words": p.total, "pointing accuracy": p.accuracy,
+             "chance": p.chance, "x chance": p.accuracy / p.chance if p.chance else float("nan")}
+            for name, by_query in tables.items() for query, table in by_query.items() for layer, p in table.items()]
+    means = {name: next(iter(by_query.values()))["mean"] for name, by_query in tables.items()}
+    chance_sum = sum(m.chance_sum for m in means.values())
+    words = sum(m.total for m in means.values())
     summary = {"chance": chance_sum / words if words else float("nan"), "heads": str(heads),
-               **{name: {layer: p.accuracy for layer, p in t.items()} for name, t in tables.items()},
-               "chance_by_model": {name: t["mean"].chance for name, t in tables.items()},
-               "words": {name: t["mean"].total for name, t in tables.items()}}
+               **{name: {query: {layer: p.accuracy for layer, p in table.items()} for query, table in by_query.items()}
+                  for name, by_query in tables.items()},
+               "chance_by_model": {name: m.chance for name, m in means.items()},
+               "words": {name: m.total for name, m in means.items()}}
     return summary, rows
+
+
+def pointing_findings(summary: dict, models: list[str]) -> str:
+    """One line per model (Markdown): the query and layer that point best, against chance and against the course's
+    choice (the predicting step at the last layer)."""
+    lines = []
+    for name in models:
+        acc, n_layers = summary[name], len(summary[name]["predict"]) - 1
+        query, layer = choose_view("best", "best", n_layers, acc)
+        best = acc[query][str(layer)]
+        lines.append(f"- **{name}**: the {query} query at layer {layer} points best, {best:.2f} "
+                     f"({best / summary['chance_by_model'][name]:.1f}x chance); the course's choice (predict, "
+                     f"last layer) gives {acc['predict'][str(n_layers - 1)]:.2f}.")
+    return "\n".join(lines)
