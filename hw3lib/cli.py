@@ -113,8 +113,11 @@ def _cmd_train(args) -> int:
     from .data import check_output_dir, load_split
     from .decoder import LoraConfig
     from .metrics import ClipConfig, ClipScorer
+    from .distributed import setup
     from .train import TrainConfig, check_run_folder, train
 
+    d = setup()  # data-parallel under torchrun / accelerate launch; else one process
+    say = print if d.main else (lambda *_: None)
     root = Path(args.data_root)
     out = check_output_dir(args.out, "--out run")
     train_recs = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
@@ -134,12 +137,12 @@ def _cmd_train(args) -> int:
     if not args.no_resume:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
     model, encoder, transform = build(cfg, seed=args.seed)
-    print(f"trainable parameters: {count_check(model):,}")
+    say(f"trainable parameters: {count_check(model):,}" + (f"; {d.world_size} processes" if d.active else ""))
     clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
-        if args.clip_model else None
+        if args.clip_model and d.main else None  # the main process validates
     result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
-                   resume=not args.no_resume, overwrite=True)
-    print(f"best epoch {result.best_epoch}: {result.best_path}")
+                   resume=not args.no_resume, overwrite=True, log=say)
+    say(f"best epoch {result.best_epoch}: {result.best_path}")
     return 0
 
 
@@ -158,6 +161,7 @@ def _cmd_caption(args) -> int:
 
 def _cmd_llava_caption(args) -> int:
     from .data import check_output_file, list_images
+    from .distributed import setup
     from .llava import LlavaGeneration, caption_folder, load_llava
 
     gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
@@ -167,18 +171,22 @@ def _cmd_llava_caption(args) -> int:
                           repetition_penalty=args.repetition_penalty, seed=args.seed, cache=args.cache)
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)
+    d = setup()  # one process per GPU under torchrun / accelerate launch; else one process
+    device = d.device(args.device) if d.active else args.device
     if args.random_weights:  # the 7B architecture, random: its speed without the download
         from .rehearsal.weights import random_llava
 
-        model, processor = random_llava(args.processor or args.model, device=args.device or "cuda")
+        model, processor = random_llava(args.processor or args.model, device=str(device or "cuda"))
     else:
-        model, processor = load_llava(args.model, device=args.device, load_in_4bit=args.load_in_4bit)
+        model, processor = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
     run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          first_sentence=args.first_sentence, model_name=str(args.model))
     rate = run.computed / run.seconds if run.seconds else 0.0
-    print(f"{len(run.captions)} captions -> {out} ({run.computed} new in {run.seconds:.1f}s, "
-          f"{rate:.2f} images/s; {run.reused} from an interrupted run)")
+    if d.main:
+        on = f" on {d.world_size} processes" if d.active else ""
+        print(f"{len(run.captions)} captions -> {out} ({run.computed} new in {run.seconds:.1f}s{on}, "
+              f"{rate:.2f} images/s; {run.reused} from an interrupted run)")
     return 0
 
 

@@ -288,20 +288,34 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
 
     Resumable: each batch is appended to ``out_json.partial.jsonl`` as it finishes; a restart with the same
     settings skips those images. The JSON is written atomically at the end and the partial file removed.
+
+    Under a launcher (``torchrun`` / ``accelerate launch``, see :mod:`hw3lib.distributed`) every process captions
+    every ``world_size``-th image still to do, into its own ``out_json.partial.rank<R>.jsonl``; the main process
+    writes the one JSON, the same as one process writes. A restart resumes from the partial files of any number of
+    processes.
     """
+    from .distributed import current
+
     t0 = time.time()
+    d = current()
     records = list_images(images) if isinstance(images, (str, Path)) else list(images)
     out_json = Path(out_json)
-    partial = out_json.with_name(out_json.name + ".partial.jsonl")
     settings = {"model": model_name, "instruction": instruction, "generation": asdict(generation),
                 "first_sentence": first_sentence}
-    done = _read_partial(partial, settings)
-    done = {k: v for k, v in done.items() if k in {r.file_id for r in records}}
-    todo = [r for r in records if r.file_id not in done]
+    done = None
+    if d.main:  # only the main process reads (and, for other settings, deletes) what an interrupted run left
+        done = {}
+        for path in _partials(out_json):
+            done.update(_read_partial(path, settings))
+        done = {k: v for k, v in done.items() if k in {r.file_id for r in records}}
+    done = d.broadcast(done)
+    todo = d.shard([r for r in records if r.file_id not in done])
+    partial = out_json.with_name(out_json.name + (f".partial.rank{d.rank}.jsonl" if d.active else ".partial.jsonl"))
     partial.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"settings": settings}) + "\n"
     with open(partial, "a", encoding="utf-8") as f:
         if f.tell() == 0:
-            f.write(json.dumps({"settings": settings}) + "\n")
+            f.write(header)
             f.flush()
 
         def write(batch: dict[str, str]) -> None:
@@ -313,16 +327,26 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
 
         try:
             new = caption_records(model, processor, todo, instruction, generation, batch_size, num_workers,
-                                  first_sentence, progress, on_batch=write)
+                                  first_sentence, progress and d.main, on_batch=write)
         except BaseException:
-            if not done and f.tell() == len(json.dumps({"settings": settings})) + 1:
+            if f.tell() == len(header.encode()):
                 f.close()
-                partial.unlink()  # nothing captioned: nothing to resume from
+                partial.unlink()  # this process captioned nothing: nothing to resume from
             raise  # otherwise the captions so far stay, and a restart with the same settings skips them
+    for shard in d.gather(new):
+        new.update(shard)
     captions = {r.file_id: done[r.file_id] if r.file_id in done else new[r.file_id] for r in records}
-    write_json_atomic(out_json, captions)
-    partial.unlink()
+    d.barrier()  # every process has closed its partial file
+    if d.main:
+        write_json_atomic(out_json, captions)
+        for path in _partials(out_json):
+            path.unlink()
+    d.barrier()
     return CaptionRun(captions, reused=len(done), computed=len(new), seconds=time.time() - t0, settings=settings)
+
+
+def _partials(out_json: Path) -> list[Path]:
+    return sorted(out_json.parent.glob(out_json.name + ".partial*.jsonl"))
 
 
 # --------------------------------------------------------------------------------------------------- attention

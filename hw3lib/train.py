@@ -113,10 +113,17 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         resume: continue from ``out_dir/last.pt`` when it exists (and belongs to this very run).
         overwrite: a ``last.pt`` of another configuration or data is replaced; otherwise it is an error.
         on_step: called as ``on_step(epoch, step)`` after every optimiser step (tests use it to simulate a kill).
+
+    Under a launcher (``torchrun`` / ``accelerate launch``, :mod:`hw3lib.distributed`) it is data-parallel: every
+    process takes every ``world_size``-th caption of each step, its loss is weighted by its share of the step's
+    tokens and the gradients are summed, so a step equals the one-process step. The main process validates and
+    writes the checkpoints.
     """
+    from .distributed import current
     from .metrics import cider, clip_score
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = current()
+    device = d.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
@@ -126,9 +133,14 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
     last = out_dir / "last.pt"
     check_run_folder(out_dir, model.cfg, cfg, train_records, val_records, gen, overwrite=overwrite or not resume)
+    if d.active and cfg.feature_cache == "disk" and not d.main:
+        d.barrier()  # the main process extracts (or finds) the disk cache; the others then read it
     train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
         if cfg.feature_cache != "off" else None
-    val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device)
+    val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device) \
+        if d.main else None
+    if d.active and cfg.feature_cache == "disk" and d.main:
+        d.barrier()
 
     # the whole plan up front: each epoch's order depends on (seed, epoch) only, so a resumed run replays it
     plan = [epoch_batches(train_records, cfg.captions_per_image, cfg.batch_size, np.random.default_rng([cfg.seed, e]))
@@ -159,9 +171,23 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
             model.train()
-            losses = []
-            bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False)
+            losses, recent = [], []  # this process's share of each step's loss; its own recent losses
+            bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, disable=not d.main)
             for step, batch in enumerate(bar):
+                share = 1.0
+                if d.active:  # this process's captions, and their share of the step's tokens
+                    limit = model.cfg.max_caption_tokens
+                    tokens = [min(len(model.tokenizer.encode(train_records[i].references[j])), limit) + 1
+                              for i, j in batch]
+                    share = sum(d.shard(tokens)) / sum(tokens)
+                    batch = d.shard(batch)
+                if not batch:  # a last step smaller than the number of processes
+                    opt.zero_grad(set_to_none=False)
+                    for p in params:
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                    d.all_reduce_(params_grads(params))
+                    _step(opt, sched, params, cfg)
+                    continue
                 images = sorted({i for i, _ in batch})
                 local = {i: n for n, i in enumerate(images)}
                 if train_feats is not None:
@@ -175,17 +201,22 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     loss = model.forward_shared(feats, image_index, ids.to(device), targets.to(device)).loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                (loss * share).backward()
+                d.all_reduce_(params_grads(params))
+                _step(opt, sched, params, cfg)
+                losses.append(loss.item() * share)
+                recent.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(recent[-20:]):.3f}")
                 if on_step is not None:
                     on_step(epoch, step)
+            loss_sum = torch.tensor([float(np.sum(losses))], dtype=torch.float64)
+            d.all_reduce_([loss_sum])
+            if not d.main:  # the main process validates and writes the checkpoints
+                d.barrier()
+                continue
             preds = caption_features(model, val_feats, gen, cfg.eval_batch_size, device)
             pred = {r.file_id: c for r, c in zip(val_records, preds)}
-            row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+            row = {"epoch": epoch + 1, "loss": float(loss_sum) / len(plan[epoch]), "lr": sched.get_last_lr()[0],
                    "val_cider": cider(pred, {r.file_id: list(r.references) for r in val_records})[0]}
             if clip is not None:
                 row["val_clipscore"] = clip_score(clip, pred, val_records[0].image_path.parent)[0]
@@ -198,8 +229,22 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             clip_part = f", CLIPScore {row['val_clipscore']:.3f}" if "val_clipscore" in row else ""
             log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}, val CIDEr {row['val_cider']:.3f}"
                 f"{clip_part} ({row['seconds']}s)")
+            d.barrier()
+    if not d.main:  # the history and the best epoch as the main process wrote them
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        history, best = state["history"], tuple(state["best"])
     best_path = out_dir / "best.safetensors"
     return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
+
+
+def params_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params]
+
+
+def _step(opt, sched, params, cfg: TrainConfig) -> None:
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
 
 
 def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_records: list[Record],

@@ -111,6 +111,7 @@ def random_llava(processor_from: str | Path, device: str = "cuda", dtype: torch.
     config.text_config.pad_token_id = processor.tokenizer.pad_token_id
     _resize_processor(processor, config.vision_config.image_size, config.vision_config.patch_size)
     config._attn_implementation = attn_implementation
+    torch.manual_seed(0)  # the same weights in every process (several GPUs under a launcher must agree)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval(), processor

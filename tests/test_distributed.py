@@ -1,0 +1,116 @@
+"""hw3lib.distributed: the same commands under a launcher (torchrun here; accelerate launch sets the same
+variables). Two gloo processes on the CPU must give what one process gives."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from hw3lib.distributed import Dist, current, setup
+
+
+def _launch(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "hw3lib", *args]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def llava(models_dir):
+    from hw3lib.llava import load_llava
+
+    return load_llava(models_dir / "llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def p1_records(world):
+    from hw3lib.data import list_images
+
+    return list_images(world / "p1_data" / "images" / "val")
+
+
+def test_one_process_without_a_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = setup()
+    assert d == Dist() == current() and not d.active and d.main
+    assert d.gather({"a": 1}) == [{"a": 1}] and d.broadcast(3) == 3
+    t = torch.ones(3)
+    d.all_reduce_([t])
+    assert torch.equal(t, torch.ones(3))
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(11))
+    shards = [Dist(r, 3).shard(items) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and {len(s) for s in shards} == {3, 4}
+    assert Dist(0, 1).device("cpu") == torch.device("cpu")
+
+
+def test_sharded_llava_captions_equal_one_process(models_dir, p1_records, tmp_path):
+    """hw3 llava-caption under torchrun with 2 gloo processes writes the very JSON one process writes (7 images:
+    shards of 4 and 3, batches of 2), and leaves no partial file."""
+    img = tmp_path / "imgs"
+    img.mkdir()
+    for r in p1_records[:7]:
+        shutil.copy(r.image_path, img / r.image_path.name)
+    common = ["llava-caption", str(img), "--model", str(models_dir / "llava"), "--num-workers", "0",
+              "--batch-size", "2", "--device", "cpu"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "hw3lib", common[0], common[1], str(one), *common[2:]], check=True,
+                   capture_output=True, env=_env())
+    run = subprocess.run(_launch(2, common[0], common[1], str(two), *common[2:]), capture_output=True, text=True,
+                         env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on 2 processes" in run.stdout and run.stdout.count("captions ->") == 1  # the main process reports
+    assert two.read_bytes() == one.read_bytes() and len(json.loads(one.read_text())) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "one.json", "two.json"]
+
+
+def test_resume_from_the_partial_files_of_several_processes(llava, p1_records, tmp_path):
+    """A run of 2 processes was killed: each left its own partial file. One process resumes from both."""
+    from hw3lib.llava import DEFAULT_INSTRUCTION, LlavaGeneration, caption_folder
+
+    model, processor = llava
+    gen = LlavaGeneration(max_new_tokens=6)
+    recs = p1_records[:5]
+    out = tmp_path / "pred.json"
+    settings = {"model": "m", "instruction": DEFAULT_INSTRUCTION, "generation": asdict(gen), "first_sentence": False}
+    for rank, rec in ((0, recs[0]), (1, recs[1])):
+        lines = [{"settings": settings}, {"file_id": rec.file_id, "caption": f"kept {rank}"}]
+        (tmp_path / f"pred.json.partial.rank{rank}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run = caption_folder(model, processor, recs, out, generation=gen, batch_size=2, progress=False, model_name="m")
+    assert run.reused == 2 and run.computed == 3
+    assert run.captions[recs[0].file_id] == "kept 0" and run.captions[recs[1].file_id] == "kept 1"
+    assert json.loads(out.read_text()) == run.captions and list(tmp_path.iterdir()) == [out]
+
+
+def test_data_parallel_training_equals_one_process(models_dir, tmp_path):
+    """hw3 train under torchrun with 2 gloo processes: each takes half of every step's captions, weighted by its
+    share of the tokens, and the gradients are summed, so the adapter equals the one-process adapter (up to the
+    order of float sums) and so do the losses. LoRA dropout is off: masks would differ with the split."""
+    from test_train import _cli_root, _train_cmd
+
+    root = _cli_root(tmp_path, models_dir, num_train=30)
+
+    def cmd(out):
+        c = _train_cmd(root, out, 2, batch_size=16)[3:]  # without "python -m hw3lib"
+        return c[: c.index("--lora-dropout")] + ["--lora-dropout", "0"] + c[c.index("--lora-dropout") + 2:]
+
+    subprocess.run([sys.executable, "-m", "hw3lib", *cmd(tmp_path / "one")], check=True, capture_output=True,
+                   env=_env())
+    run = subprocess.run(_launch(2, *cmd(tmp_path / "two")), capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout and run.stdout.count("best epoch") == 1
+    one, two = (torch.load(tmp_path / n / "last.pt", weights_only=False) for n in ("one", "two"))
+    assert set(one["trained"]) == set(two["trained"]) and len(one["trained"]) > 4
+    for k, v in one["trained"].items():
+        torch.testing.assert_close(two["trained"][k], v, atol=2e-5, rtol=1e-4, msg=k)
+    for a, b in zip(one["history"], two["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
