@@ -44,9 +44,12 @@ def run(cmd: list[str], gpus: str, log: Path) -> tuple[float, str]:
     return time.time() - t0, p.stdout
 
 
-def launch(n: int) -> list[str]:
+def launch(n: int, launcher: str = "torchrun") -> list[str]:
     if n == 1:
         return [sys.executable, "-m", "hw3lib"]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "hw3lib"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "hw3lib"]
 
 
@@ -57,21 +60,29 @@ def llava_part(tmp: Path, n_images: int, gpus: int, batch: int) -> dict:
     make_images(images, n_images)
     print(f"{n_images} JPEGs in {time.time() - t0:.1f}s", flush=True)
     out = {}
-    for n in (1, gpus):
-        pred = tmp / f"llava_{n}gpu.json"
-        cmd = launch(n) + ["llava-caption", str(images), str(pred), "--random-weights", "--processor",
+    for n, launcher in ((1, ""), (gpus, "torchrun"), (gpus, "accelerate")):
+        key = f"{n}gpu" + (f"_{launcher}" if launcher == "accelerate" else "")
+        pred = tmp / f"llava_{key}.json"
+        cmd = launch(n, launcher) + ["llava-caption", str(images), str(pred), "--random-weights", "--processor",
                            str(ROOT / "data/demo/models/llava"), "--batch-size", str(batch), "--num-workers", "8",
                            "--max-new-tokens", "20", "--min-new-tokens", "20", "--cache", "static"]
-        wall, stdout = run(cmd, ",".join(map(str, range(n))), tmp / f"llava_{n}.log")
+        try:
+            wall, stdout = run(cmd, ",".join(map(str, range(n))), tmp / f"llava_{key}.log")
+        except SystemExit as e:
+            out[key] = {"error": str(e)}
+            continue
         m = re.search(r"(\d+) new in ([\d.]+)s", stdout)
         seconds = float(m.group(2))
-        out[f"{n}gpu"] = {"images": int(m.group(1)), "seconds": seconds, "images_per_s": int(m.group(1)) / seconds,
-                          "command_wall_s": round(wall, 1)}
-        print(f"llava {n} GPU: {out[f'{n}gpu']}", flush=True)
-    one, many = (tmp / f"llava_{n}gpu.json" for n in (1, gpus))
-    out["json_equal"] = one.read_bytes() == many.read_bytes()
-    a, b = json.loads(one.read_text()), json.loads(many.read_text())
-    out["captions_equal"] = sum(a[k] == b.get(k) for k in a)
+        out[key] = {"images": int(m.group(1)), "seconds": seconds, "images_per_s": int(m.group(1)) / seconds,
+                    "command_wall_s": round(wall, 1)}
+        print(f"llava {key}: {out[key]}", flush=True)
+    one = json.loads((tmp / "llava_1gpu.json").read_text())
+    for key in (f"{gpus}gpu", f"{gpus}gpu_accelerate"):
+        if "error" in out[key]:
+            continue
+        many = tmp / f"llava_{key}.json"
+        out[key]["json_equal"] = many.read_bytes() == (tmp / "llava_1gpu.json").read_bytes()
+        out[key]["captions_equal"] = sum(one[k] == json.loads(many.read_text()).get(k) for k in one)
     out["speedup"] = out[f"{gpus}gpu"]["images_per_s"] / out["1gpu"]["images_per_s"]
     return out
 
