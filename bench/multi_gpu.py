@@ -105,7 +105,7 @@ def train_part(tmp: Path, n_train: int, gpus: int, encoder: str, epochs: int) ->
         run_dir = tmp / f"train_{n}gpu"
         cmd = launch(n) + ["train", "--data-root", str(root), "--out", str(run_dir), "--encoder", encoder,
                            "--random-weights", "--epochs", str(epochs), "--batch-size", "64", "--lora-r", "32",
-                           "--lora-alpha", "64", "--lora-targets", "c_attn,attn.c_proj,c_fc,mlp.c_proj",
+                           "--lora-alpha", "64", "--lora-targets", "c_attn", "attn.c_proj", "c_fc", "mlp.c_proj",
                            "--lora-dropout", "0", "--eval-images", "32", "--max-new-tokens", "10",
                            "--num-workers", "8", "--seed", "0"]
         wall, _ = run(cmd, ",".join(map(str, range(n))), tmp / f"train_{n}.log")
@@ -129,6 +129,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__}
     if args.images:
         results["llava"] = llava_part(tmp, args.images, args.gpus, args.batch_size)
+        print(json.dumps(results["llava"]), flush=True)
     if args.train_images:
         results["train"] = train_part(tmp, args.train_images, args.gpus, args.encoder, args.epochs)
     print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str)[:3000])
