@@ -42,6 +42,14 @@ class Dist:
         """Every ``world_size``-th item from ``rank``: shards differ in length by one at most."""
         return items[self.rank :: self.world_size]
 
+    def shard_batches(self, items: list, batch_size: int) -> list:
+        """Every ``world_size``-th batch of ``batch_size`` items, from batch ``rank``, flattened: batched in order
+        again, each process's items form exactly the batches one process would form, so the GPU computes the same
+        thing and greedy decoding gives the same tokens as on one GPU (in bf16 a batch's composition changes the
+        last bits of the logits, and near-ties can flip)."""
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        return [x for b in batches[self.rank :: self.world_size] for x in b]
+
     def gather(self, obj) -> list:
         """``obj`` of every process, in rank order, on every process."""
         if not self.active:

@@ -290,8 +290,8 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
     settings skips those images. The JSON is written atomically at the end and the partial file removed.
 
     Under a launcher (``torchrun`` / ``accelerate launch``, see :mod:`hw3lib.distributed`) every process captions
-    every ``world_size``-th image still to do, into its own ``out_json.partial.rank<R>.jsonl``; the main process
-    writes the one JSON, the same as one process writes. A restart resumes from the partial files of any number of
+    every ``world_size``-th batch of the images still to do (the batches one process would form), into its own
+    ``out_json.partial.rank<R>.jsonl``; the main process writes the one JSON, the same as one process writes. A restart resumes from the partial files of any number of
     processes.
     """
     from .distributed import current
@@ -309,7 +309,7 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
             done.update(_read_partial(path, settings))
         done = {k: v for k, v in done.items() if k in {r.file_id for r in records}}
     done = d.broadcast(done)
-    todo = d.shard([r for r in records if r.file_id not in done])
+    todo = d.shard_batches([r for r in records if r.file_id not in done], batch_size)
     partial = out_json.with_name(out_json.name + (f".partial.rank{d.rank}.jsonl" if d.active else ".partial.jsonl"))
     partial.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"settings": settings}) + "\n"

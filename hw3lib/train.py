@@ -182,10 +182,9 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                     share = sum(d.shard(tokens)) / sum(tokens)
                     batch = d.shard(batch)
                 if not batch:  # a last step smaller than the number of processes
-                    opt.zero_grad(set_to_none=False)
-                    for p in params:
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                    d.all_reduce_(params_grads(params))
+                    opt.zero_grad(set_to_none=True)
+                    if d.active:
+                        d.all_reduce_(params_grads(params))
                     _step(opt, sched, params, cfg)
                     continue
                 images = sorted({i for i, _ in batch})
@@ -202,14 +201,15 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                     loss = model.forward_shared(feats, image_index, ids.to(device), targets.to(device)).loss
                 opt.zero_grad(set_to_none=True)
                 (loss * share).backward()
-                d.all_reduce_(params_grads(params))
+                if d.active:
+                    d.all_reduce_(params_grads(params))
                 _step(opt, sched, params, cfg)
                 losses.append(loss.item() * share)
                 recent.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(recent[-20:]):.3f}")
                 if on_step is not None:
                     on_step(epoch, step)
-            loss_sum = torch.tensor([float(np.sum(losses))], dtype=torch.float64)
+            loss_sum = torch.tensor([float(np.sum(losses))], dtype=torch.float64, device=device)  # NCCL: on the GPU
             d.all_reduce_([loss_sum])
             if not d.main:  # the main process validates and writes the checkpoints
                 d.barrier()
@@ -238,6 +238,10 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
 
 
 def params_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients to sum over the processes (zeros where a parameter got none this step)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     return [p.grad for p in params]
 
 

@@ -51,11 +51,14 @@ def test_shards_cover_every_item_once():
     shards = [Dist(r, 3).shard(items) for r in range(3)]
     assert sorted(sum(shards, [])) == items and {len(s) for s in shards} == {3, 4}
     assert Dist(0, 1).device("cpu") == torch.device("cpu")
+    # by batches: rank 0 gets batches 0 and 2 of [0 1 2] [3 4 5] [6 7 8] [9 10], rank 1 batches 1 and 3
+    assert Dist(0, 2).shard_batches(items, 3) == [0, 1, 2, 6, 7, 8]
+    assert Dist(1, 2).shard_batches(items, 3) == [3, 4, 5, 9, 10]
 
 
 def test_sharded_llava_captions_equal_one_process(models_dir, p1_records, tmp_path):
-    """hw3 llava-caption under torchrun with 2 gloo processes writes the very JSON one process writes (7 images:
-    shards of 4 and 3, batches of 2), and leaves no partial file."""
+    """hw3 llava-caption under torchrun with 2 gloo processes writes the very JSON one process writes (7 images in
+    batches of 2: batches 1 and 3 on one process, 2 and 4 on the other), and leaves no partial file."""
     img = tmp_path / "imgs"
     img.mkdir()
     for r in p1_records[:7]:
