@@ -44,28 +44,39 @@ def run(cmd: list[str], gpus: str, log: Path) -> tuple[float, str]:
     return time.time() - t0, p.stdout
 
 
+DETERMINISTIC = False  # --deterministic: run bench/deterministic_hw3.py instead of -m hw3lib
+
+
 def launch(n: int, launcher: str = "torchrun") -> list[str]:
+    target = [str(ROOT / "bench/deterministic_hw3.py")] if DETERMINISTIC else ["-m", "hw3lib"]
     if n == 1:
-        return [sys.executable, "-m", "hw3lib"]
+        return [sys.executable, *target]
     if launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "hw3lib"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "hw3lib"]
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", *target]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *target]
 
 
-def llava_part(tmp: Path, n_images: int, gpus: int, batch: int) -> dict:
+def llava_part(tmp: Path, n_images: int, gpus: int, batch: int, cache: str = "static",
+               runs: tuple[str, ...] = ("1", "N", "N-accelerate")) -> dict:
+    """``runs``: "1" (GPU 0 alone), "N" (torchrun over ``gpus``), "N-accelerate"; a run named twice runs twice
+    (run-to-run agreement). Every JSON is compared with the first run's."""
     images = tmp / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     t0 = time.time()
     make_images(images, n_images)
     print(f"{n_images} JPEGs in {time.time() - t0:.1f}s", flush=True)
-    out = {}
-    for n, launcher in ((1, ""), (gpus, "torchrun"), (gpus, "accelerate")):
-        key = f"{n}gpu" + (f"_{launcher}" if launcher == "accelerate" else "")
+    out = {"cache": cache}
+    first = None
+    for i, spec in enumerate(runs):
+        n = 1 if spec == "1" else gpus
+        launcher = "accelerate" if spec.endswith("accelerate") else "torchrun"
+        key = f"run{i + 1}_{n}gpu" + ("_accelerate" if n > 1 and launcher == "accelerate" else "")
         pred = tmp / f"llava_{key}.json"
         cmd = launch(n, launcher) + ["llava-caption", str(images), str(pred), "--random-weights", "--processor",
-                           str(ROOT / "data/demo/models/llava"), "--batch-size", str(batch), "--num-workers", "8",
-                           "--max-new-tokens", "20", "--min-new-tokens", "20", "--cache", "static"]
+                                     str(ROOT / "data/demo/models/llava"), "--batch-size", str(batch),
+                                     "--num-workers", "8", "--max-new-tokens", "20", "--min-new-tokens", "20",
+                                     "--cache", cache]
         try:
             wall, stdout = run(cmd, ",".join(map(str, range(n))), tmp / f"llava_{key}.log")
         except SystemExit as e:
@@ -73,17 +84,15 @@ def llava_part(tmp: Path, n_images: int, gpus: int, batch: int) -> dict:
             continue
         m = re.search(r"(\d+) new in ([\d.]+)s", stdout)
         seconds = float(m.group(2))
-        out[key] = {"images": int(m.group(1)), "seconds": seconds, "images_per_s": int(m.group(1)) / seconds,
-                    "command_wall_s": round(wall, 1)}
+        out[key] = {"gpus": n, "images": int(m.group(1)), "seconds": seconds,
+                    "images_per_s": int(m.group(1)) / seconds, "command_wall_s": round(wall, 1)}
+        if first is None:
+            first = pred
+        else:
+            a, b = json.loads(first.read_text()), json.loads(pred.read_text())
+            out[key]["json_equal_to_run1"] = pred.read_bytes() == first.read_bytes()
+            out[key]["captions_equal_to_run1"] = sum(a[k] == b.get(k) for k in a)
         print(f"llava {key}: {out[key]}", flush=True)
-    one = json.loads((tmp / "llava_1gpu.json").read_text())
-    for key in (f"{gpus}gpu", f"{gpus}gpu_accelerate"):
-        if "error" in out[key]:
-            continue
-        many = tmp / f"llava_{key}.json"
-        out[key]["json_equal"] = many.read_bytes() == (tmp / "llava_1gpu.json").read_bytes()
-        out[key]["captions_equal"] = sum(one[k] == json.loads(many.read_text()).get(k) for k in one)
-    out["speedup"] = out[f"{gpus}gpu"]["images_per_s"] / out["1gpu"]["images_per_s"]
     return out
 
 
@@ -123,12 +132,20 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=2000, help="0: skip the training part")
     ap.add_argument("--encoder", default="vit_large_patch14_clip_224")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--cache", default="static", choices=["dynamic", "static"])
+    ap.add_argument("--llava-runs", nargs="+", default=["1", "N", "N-accelerate"],
+                    help='"1": one GPU; "N": torchrun over --gpus; "N-accelerate": accelerate launch')
+    ap.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms in every run")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    global DETERMINISTIC
+    DETERMINISTIC = args.deterministic
     tmp = Path(tempfile.mkdtemp(prefix="multi_gpu_"))
-    results = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__}
+    results = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__,
+               "deterministic": args.deterministic}
     if args.images:
-        results["llava"] = llava_part(tmp, args.images, args.gpus, args.batch_size)
+        results["llava"] = llava_part(tmp, args.images, args.gpus, args.batch_size, args.cache,
+                                      tuple(args.llava_runs))
         print(json.dumps(results["llava"]), flush=True)
     if args.train_images:
         results["train"] = train_part(tmp, args.train_images, args.gpus, args.encoder, args.epochs)
