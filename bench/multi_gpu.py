@@ -44,11 +44,8 @@ def run(cmd: list[str], gpus: str, log: Path) -> tuple[float, str]:
     return time.time() - t0, p.stdout
 
 
-DETERMINISTIC = False  # --deterministic: run bench/deterministic_hw3.py instead of -m hw3lib
-
-
 def launch(n: int, launcher: str = "torchrun") -> list[str]:
-    target = [str(ROOT / "bench/deterministic_hw3.py")] if DETERMINISTIC else ["-m", "hw3lib"]
+    target = ["-m", "hw3lib"]
     if n == 1:
         return [sys.executable, *target]
     if launcher == "accelerate":
@@ -58,7 +55,7 @@ def launch(n: int, launcher: str = "torchrun") -> list[str]:
 
 
 def llava_part(tmp: Path, n_images: int, gpus: int, batch: int, cache: str = "static",
-               runs: tuple[str, ...] = ("1", "N", "N-accelerate")) -> dict:
+               runs: tuple[str, ...] = ("1", "N", "N-accelerate"), deterministic: bool = False) -> dict:
     """``runs``: "1" (GPU 0 alone), "N" (torchrun over ``gpus``), "N-accelerate"; a run named twice runs twice
     (run-to-run agreement). Every JSON is compared with the first run's."""
     images = tmp / "images"
@@ -76,7 +73,7 @@ def llava_part(tmp: Path, n_images: int, gpus: int, batch: int, cache: str = "st
         cmd = launch(n, launcher) + ["llava-caption", str(images), str(pred), "--random-weights", "--processor",
                                      str(ROOT / "data/demo/models/llava"), "--batch-size", str(batch),
                                      "--num-workers", "8", "--max-new-tokens", "20", "--min-new-tokens", "20",
-                                     "--cache", cache]
+                                     "--cache", cache] + (["--deterministic"] if deterministic else [])
         try:
             wall, stdout = run(cmd, ",".join(map(str, range(n))), tmp / f"llava_{key}.log")
         except SystemExit as e:
@@ -135,17 +132,15 @@ def main() -> None:
     ap.add_argument("--cache", default="static", choices=["dynamic", "static"])
     ap.add_argument("--llava-runs", nargs="+", default=["1", "N", "N-accelerate"],
                     help='"1": one GPU; "N": torchrun over --gpus; "N-accelerate": accelerate launch')
-    ap.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms in every run")
+    ap.add_argument("--deterministic", action="store_true", help="hw3 llava-caption --deterministic in every run")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    global DETERMINISTIC
-    DETERMINISTIC = args.deterministic
     tmp = Path(tempfile.mkdtemp(prefix="multi_gpu_"))
     results = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "torch": torch.__version__,
                "deterministic": args.deterministic}
     if args.images:
         results["llava"] = llava_part(tmp, args.images, args.gpus, args.batch_size, args.cache,
-                                      tuple(args.llava_runs))
+                                      tuple(args.llava_runs), args.deterministic)
         print(json.dumps(results["llava"]), flush=True)
     if args.train_images:
         results["train"] = train_part(tmp, args.train_images, args.gpus, args.encoder, args.epochs)

@@ -171,6 +171,11 @@ def _cmd_llava_caption(args) -> int:
                           repetition_penalty=args.repetition_penalty, seed=args.seed, cache=args.cache)
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)
+    if args.deterministic:  # before the first CUDA kernel: cuBLAS reads its workspace setting once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
     d = setup()  # one process per GPU under torchrun / accelerate launch; else one process
     device = d.device(args.device) if d.active else args.device
     if args.random_weights:  # the 7B architecture, random: its speed without the download
@@ -378,6 +383,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
         v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
         v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+        v.add_argument("--deterministic", action="store_true",
+                       help="deterministic GPU kernels: the same captions on every run and on any number of GPUs "
+                            "(bf16 near-ties flip otherwise; about 3 %% slower, docs/benchmarks.md)")
     v.set_defaults(func=_cmd_llava_caption)
 
     h = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "

@@ -64,7 +64,7 @@ def test_sharded_llava_captions_equal_one_process(models_dir, p1_records, tmp_pa
     for r in p1_records[:7]:
         shutil.copy(r.image_path, img / r.image_path.name)
     common = ["llava-caption", str(img), "--model", str(models_dir / "llava"), "--num-workers", "0",
-              "--batch-size", "2", "--device", "cpu"]
+              "--batch-size", "2", "--device", "cpu", "--deterministic"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run([sys.executable, "-m", "hw3lib", common[0], common[1], str(one), *common[2:]], check=True,
                    capture_output=True, env=_env())
