@@ -385,7 +385,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
         v.add_argument("--deterministic", action="store_true",
                        help="deterministic GPU kernels: the same captions on every run and on any number of GPUs "
-                            "(bf16 near-ties flip otherwise; about 3 %% slower, docs/benchmarks.md)")
+                            "(bf16 near-ties flip otherwise; about 2 %% slower, docs/benchmarks.md)")
     v.set_defaults(func=_cmd_llava_caption)
 
     h = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "
