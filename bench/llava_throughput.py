@@ -1,6 +1,6 @@
 """LLaVA-1.5-7B captioning throughput on one GPU: the naive loop vs. the workbook's batched path.
 
-    python bench/llava_throughput.py [--images 500] [--batch-sizes 32 64 128] [--beam-batch 32] [--json OUT.json]
+    python bench/llava_throughput.py [--images 500] [--batch-sizes 32 64 128] [--beam-batches 32] [--json OUT.json]
 
 Weights do not change speed, so the model is the llava-1.5-7b architecture with random weights (bf16, sdpa),
 driven by the demo stand-in's processor rebuilt at 336 px. Every caption has exactly 20 new tokens
@@ -8,7 +8,8 @@ driven by the demo stand-in's processor rebuilt at 336 px. Every caption has exa
 decoding and preprocessing are inside the timings (DataLoader workers on the batched path).
 
 Prints images/s of (a) one ``generate`` per image, as HW3 solutions do, (b) the batched path with greedy
-decoding at each batch size, (c) beam search 3, plus a roofline estimate from the model's config and the card.
+decoding at each batch size, (c) beam search 3 with one prefill per image (the workbook's) and with transformers'
+one prefill per beam, plus a roofline estimate from the model's config and the card.
 """
 from __future__ import annotations
 
@@ -101,9 +102,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--naive-images", type=int, default=48)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[64, 128], help="greedy (none: skip greedy)")
     ap.add_argument("--caches", nargs="+", default=["dynamic", "static"], help="KV caches to compare")
-    ap.add_argument("--beam-batch", type=int, default=32)
+    ap.add_argument("--beam-batches", type=int, nargs="+", default=[32])
+    ap.add_argument("--beam-paths", nargs="+", default=["shared", "per-beam"],
+                    help="shared: one prefill per image (hw3lib.llava.generate); per-beam: transformers' generate, "
+                         "which runs the prompt once per beam")
     ap.add_argument("--beam-images", type=int, default=256)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=20)
@@ -137,7 +141,8 @@ def main() -> None:
     results: dict = {"device": name, "torch": torch.__version__, "images": len(records),
                      "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "runs": []}
     caption_records(model, processor, records[:8], instruction, gen, batch_size=8, progress=False)  # warm-up
-    naive = naive_loop(model, processor, [r.image_path for r in records[: args.naive_images]], gen, instruction)
+    naive = naive_loop(model, processor, [r.image_path for r in records[: args.naive_images]], gen, instruction) \
+        if args.naive_images else float("nan")
     results["runs"].append({"path": "naive loop (1 image per generate)", "batch": 1, "images": args.naive_images,
                             "images_per_s": naive})
     print(f"naive loop: {naive:.2f} images/s ({args.naive_images} images)", flush=True)
@@ -153,16 +158,28 @@ def main() -> None:
             print(f"batched greedy, {cache} cache, batch {bs}: {rate:.1f} images/s ({rate / naive:.1f}x naive), "
                   f"peak {peak:.1f} GiB; roofline {results['runs'][-1]['roofline']['roofline_images_per_s']:.1f}",
                   flush=True)
-    for cache in args.caches:
-        beam = LlavaGeneration(num_beams=3, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               cache=cache)
-        torch.cuda.reset_peak_memory_stats()
-        rate = batched(model, processor, records[: args.beam_images], beam, args.beam_batch, args.workers,
-                       instruction)
-        results["runs"].append({"path": "batched beam 3", "cache": cache, "batch": args.beam_batch,
-                                "images": args.beam_images, "images_per_s": rate,
-                                "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-        print(f"batched beam 3, {cache} cache, batch {args.beam_batch}: {rate:.1f} images/s", flush=True)
+    import hw3lib.llava as llava_module
+
+    shared = llava_module.generate
+
+    def per_beam(model, enc, generation, pad_token_id):  # transformers' own: the prompt once per beam
+        return model.generate(**enc, **generation.generate_kwargs(), pad_token_id=pad_token_id)
+
+    for path in args.beam_paths:
+        llava_module.generate = shared if path == "shared" else per_beam
+        # the shared prefill hands generate a dynamic cache; transformers' path tries each cache
+        for cache in (["dynamic"] if path == "shared" else args.caches):
+            for bs in args.beam_batches:
+                beam = LlavaGeneration(num_beams=3, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       cache=cache)
+                torch.cuda.reset_peak_memory_stats()
+                rate = batched(model, processor, records[: args.beam_images], beam, bs, args.workers, instruction)
+                results["runs"].append({"path": f"batched beam 3, prefill {path}", "cache": cache, "batch": bs,
+                                        "images": args.beam_images, "images_per_s": rate,
+                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+                print(f"batched beam 3, prefill {path}, {cache} cache, batch {bs}: {rate:.1f} images/s, peak "
+                      f"{results['runs'][-1]['peak_gib']:.1f} GiB", flush=True)
+    llava_module.generate = shared
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hw3lib.data import DataError, list_images, load_image
-from hw3lib.llava import (LlavaGeneration, attention_maps, build_prompt, caption_folder, caption_records,
+from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, attention_maps, build_prompt, caption_folder, caption_records,
                           image_token_span, load_llava, postprocess)
 
 
@@ -70,6 +71,24 @@ def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
     single = caption_records(model, processor, recs, generation=gen, batch_size=1, progress=False)
     assert batched == single
     assert all(len(c.split()) >= 2 for c in batched.values())
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5),
+                                      dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=4)])
+def test_beam_search_with_a_shared_prefill_equals_transformers_beam_search(llava, p1_records, settings):
+    """generate() fills the KV cache once per image and repeats it for the beams; the result is token for token
+    what model.generate(num_beams=K) gives when it runs the prompt once per beam."""
+    from hw3lib.llava import generate
+
+    model, processor = llava
+    gen = LlavaGeneration(max_new_tokens=12, **settings)
+    images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:6]]
+    enc = dict(processor(images=images, text=[build_prompt(processor, DEFAULT_INSTRUCTION)] * 6, padding=True,
+                         return_tensors="pt"))
+    with torch.inference_mode():
+        ref = model.generate(**enc, **gen.generate_kwargs(), pad_token_id=processor.tokenizer.pad_token_id)
+        ours = generate(model, enc, gen, processor.tokenizer.pad_token_id)
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
 
 
 def test_killed_run_resumes_without_losing_or_redoing_captions(llava, p1_records, tmp_path):
