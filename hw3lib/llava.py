@@ -474,7 +474,8 @@ def _slug(text: str) -> str:
 def sweep(model, processor, records: list[Record], instructions: dict[str, str],
           generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
           scorer=None, extra_scores: dict | None = None, batch_size: int = 16, num_workers: int = 0,
-          first_sentence: bool = False, model_name: str = "", progress: bool = True) -> list[dict]:
+          first_sentence: bool = False, model_name: str = "", progress: bool = True, gpus: int = 1,
+          load_in_4bit: bool = False) -> list[dict]:
     """Caption ``records`` once per (instruction, generation) pair and score each setting.
 
     Each setting leaves ``out_dir/<instruction>__<generation>.json`` (the course's predictions format) and a row
@@ -482,41 +483,92 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
     ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is given), ``mean_length`` (words), ``seconds``,
     ``images_per_s``, ``predictions``, and one column per ``extra_scores`` entry: ``{column: function of the
     predictions dict -> float}`` (the demo adds ``caption_accuracy`` from the shapes world's ground truth).
+
+    ``gpus > 1``: the captioning of every setting still to do runs first, in one ``torchrun`` over that many GPUs
+    (:mod:`hw3lib.sweep_worker`: each process loads ``model_name`` on its GPU and takes every N-th batch), then
+    this process scores. ``model`` may then be None; ``load_in_4bit`` is passed to the workers.
     """
     from .metrics import cider, clip_score
 
     out_dir = Path(out_dir)
     image_dir = records[0].image_path.parent if records else out_dir
-    rows = []
+    plan = []
     for iname, instruction in instructions.items():
         for gname, gen in generations.items():
             stem = out_dir / f"{_slug(iname)}__{_slug(gname)}"
-            pred_path, row_path = stem.with_suffix(".json"), stem.with_suffix(".row.json")
             settings = {"model": model_name, "instruction": instruction, "generation": asdict(gen),
                         "first_sentence": first_sentence, "images": [r.file_id for r in records]}
-            if row_path.is_file() and pred_path.is_file():
-                row = json.loads(row_path.read_text())
-                if row.get("settings") == settings:
-                    rows.append(row)
-                    continue
+            plan.append((iname, instruction, gname, gen, stem.with_suffix(".json"), stem.with_suffix(".row.json"),
+                         settings))
+
+    def reusable(pred_path, row_path, settings) -> dict | None:
+        if row_path.is_file() and pred_path.is_file():
+            row = json.loads(row_path.read_text())
+            if row.get("settings") == settings:
+                return row
+        return None
+
+    launched = {}
+    if gpus > 1:
+        todo = [p for p in plan if reusable(*p[4:]) is None]
+        if todo:
+            launched = _sweep_on_gpus(todo, records, out_dir, model_name, gpus, batch_size, num_workers,
+                                      first_sentence, load_in_4bit)
+    rows = []
+    for iname, instruction, gname, gen, pred_path, row_path, settings in plan:
+        row = reusable(pred_path, row_path, settings)
+        if row is not None:
+            rows.append(row)
+            continue
+        if str(pred_path) in launched:
+            run = launched[str(pred_path)]
+        else:
             run = caption_folder(model, processor, records, pred_path, instruction, gen, batch_size, num_workers,
                                  first_sentence, progress, model_name)
-            pred = run.captions
-            row = {"name": f"{iname} / {gname}", "instruction_name": iname, "instruction": instruction,
-                   "generation": gname, "generation_config": asdict(gen),
-                   "cider": cider(pred, {k: references[k] for k in pred})[0],
-                   "mean_length": float(np.mean([len(c.split()) for c in pred.values()])),
-                   "seconds": round(run.seconds, 2),
-                   "images_per_s": round(run.computed / run.seconds, 2) if run.computed else None,
-                   "predictions": str(pred_path)}
-            if scorer is not None:
-                row["clipscore"] = clip_score(scorer, pred, image_dir)[0]
-            for column, score in (extra_scores or {}).items():
-                row[column] = score(pred)
-            row["settings"] = settings
-            write_json_atomic(row_path, row)
-            rows.append(row)
+        pred = run.captions
+        row = {"name": f"{iname} / {gname}", "instruction_name": iname, "instruction": instruction,
+               "generation": gname, "generation_config": asdict(gen),
+               "cider": cider(pred, {k: references[k] for k in pred})[0],
+               "mean_length": float(np.mean([len(c.split()) for c in pred.values()])),
+               "seconds": round(run.seconds, 2),
+               "images_per_s": round(run.computed / run.seconds, 2) if run.computed else None,
+               "predictions": str(pred_path)}
+        if scorer is not None:
+            row["clipscore"] = clip_score(scorer, pred, image_dir)[0]
+        for column, score in (extra_scores or {}).items():
+            row[column] = score(pred)
+        row["settings"] = settings
+        write_json_atomic(row_path, row)
+        rows.append(row)
     return rows
+
+
+def _sweep_on_gpus(todo: list, records: list[Record], out_dir: Path, model_name: str, gpus: int, batch_size: int,
+                   num_workers: int, first_sentence: bool, load_in_4bit: bool) -> dict[str, CaptionRun]:
+    """Run the captioning of ``todo`` (sweep plan entries) under torchrun over ``gpus`` processes."""
+    import subprocess
+    import sys
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, results_path = out_dir / "sweep_spec.json", out_dir / "sweep_results.json"
+    spec = {"model": model_name, "load_in_4bit": load_in_4bit, "images": [str(r.image_path) for r in records],
+            "batch_size": batch_size, "num_workers": num_workers, "first_sentence": first_sentence,
+            "results": str(results_path),
+            "settings": [{"instruction": t[1], "generation": asdict(t[3]), "predictions": str(t[4])} for t in todo]}
+    write_json_atomic(spec_path, spec)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m",
+           "hw3lib.sweep_worker", str(spec_path)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"the sweep's captioning on {gpus} GPUs failed ({' '.join(cmd)}):\n{tail}")
+    runs = {}
+    for r in json.loads(results_path.read_text()):
+        captions = json.loads(Path(r["predictions"]).read_text())
+        runs[r["predictions"]] = CaptionRun(captions, r["reused"], r["computed"], r["seconds"])
+    spec_path.unlink()
+    results_path.unlink()
+    return runs
 
 
 def sweep_summary(rows: list[dict], model_name: str, num_images: int) -> dict:

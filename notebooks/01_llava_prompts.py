@@ -37,17 +37,20 @@ llava_num_images: int = 0  # caption only the first N p1 images (0: all)
 llava_batch_size: int = 16  # images per generate() call
 llava_num_workers: int = 2  # DataLoader workers decoding images
 llava_load_in_4bit: bool = False  # 4-bit language model (needs bitsandbytes and a GPU)
+llava_gpus: int = 1  # >1: the sweep captions under torchrun, one process per GPU (this many)
 clip_model: str = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
 clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
 llava_num_show: int = 4  # images whose captions are shown for every setting
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
+import gc
 import json
 import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 from IPython.display import Markdown, display
 
 from hw3lib import viz
@@ -112,9 +115,14 @@ print("after: ", tok.convert_ids_to_tokens(ids[stop:]))
 # %%
 scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
 extra = world_scores(root / "p1_data")  # caption accuracy on the shapes world; nothing on the course's data
+if P.llava_gpus > 1:  # a process per GPU loads the model: this process's copy would crowd GPU 0
+    model = parts = None
+    gc.collect()
+    torch.cuda.empty_cache()
 rows = sweep(model, processor, records, P.llava_instructions, generations, out / "p1", references, scorer=scorer,
              extra_scores=extra, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
-             first_sentence=P.llava_first_sentence, model_name=P.llava_model)
+             first_sentence=P.llava_first_sentence, model_name=P.llava_model, gpus=P.llava_gpus,
+             load_in_4bit=P.llava_load_in_4bit)
 columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length", *extra, "seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
 
