@@ -29,3 +29,18 @@ def clip_scorer(models_dir):
     from hw3lib.metrics import ClipConfig, ClipScorer
 
     return ClipScorer(ClipConfig(model=str(models_dir / "clip"), pretrained=None, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def llava(models_dir):
+    """The LLaVA stand-in (a real LlavaForConditionalGeneration + processor) on the CPU."""
+    from hw3lib.llava import load_llava
+
+    return load_llava(models_dir / "llava", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def p1_records(world):
+    from hw3lib.data import list_images
+
+    return list_images(world / "p1_data" / "images" / "val")

@@ -23,20 +23,6 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(scope="module")
-def llava(models_dir):
-    from hw3lib.llava import load_llava
-
-    return load_llava(models_dir / "llava", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def p1_records(world):
-    from hw3lib.data import list_images
-
-    return list_images(world / "p1_data" / "images" / "val")
-
-
 def test_one_process_without_a_launcher(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = setup()

@@ -11,16 +11,6 @@ from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, attention_maps, 
                           image_token_span, load_llava, postprocess)
 
 
-@pytest.fixture(scope="module")
-def llava(models_dir):
-    return load_llava(models_dir / "llava", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def p1_records(world):
-    return list_images(world / "p1_data" / "images" / "val")
-
-
 def test_prompt_is_the_llava_conversation(llava):
     _, processor = llava
     assert build_prompt(processor, "Describe it.") == "USER: <image>\nDescribe it. ASSISTANT:"
