@@ -196,10 +196,17 @@ class Captioner(nn.Module):
         past = [(k[image_index], v[image_index]) for k, v in prefix.past_key_values]
         return self.decoder(input_ids, targets=targets, past_key_values=past)
 
+    def caption_tokens(self, caption: str) -> list[int]:
+        """A caption's token ids as training sees them (at most ``max_caption_tokens``)."""
+        return self.tokenizer.encode(caption)[: self.cfg.max_caption_tokens]
+
     def batch_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, targets)`` for captions, right-padded (targets -100 on padding)."""
-        eot, limit = self.tokenizer.eot_id, self.cfg.max_caption_tokens
-        seqs = [self.tokenizer.encode(c)[:limit] for c in captions]
+        return self.batch_tokens([self.caption_tokens(c) for c in captions])
+
+    def batch_tokens(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from token ids (:meth:`caption_tokens`): training tokenises every reference once."""
+        eot = self.tokenizer.eot_id
         T = max(map(len, seqs)) + 1
         ids = torch.full((len(seqs), T), eot, dtype=torch.long)
         targets = torch.full((len(seqs), T), -100, dtype=torch.long)

@@ -145,6 +145,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     # the whole plan up front: each epoch's order depends on (seed, epoch) only, so a resumed run replays it
     plan = [epoch_batches(train_records, cfg.captions_per_image, cfg.batch_size, np.random.default_rng([cfg.seed, e]))
             for e in range(cfg.num_epochs)]
+    tokens = [[model.caption_tokens(c) for c in r.references] for r in train_records]  # once, not every step
     total = sum(map(len, plan))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -176,10 +177,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             for step, batch in enumerate(bar):
                 share = 1.0
                 if d.active:  # this process's captions, and their share of the step's tokens
-                    limit = model.cfg.max_caption_tokens
-                    tokens = [min(len(model.tokenizer.encode(train_records[i].references[j])), limit) + 1
-                              for i, j in batch]
-                    share = sum(d.shard(tokens)) / sum(tokens)
+                    counts = [len(tokens[i][j]) + 1 for i, j in batch]  # the targets: the caption and <eot>
+                    share = sum(d.shard(counts)) / sum(counts)
                     batch = d.shard(batch)
                 if not batch:  # a last step smaller than the number of processes
                     opt.zero_grad(set_to_none=True)
@@ -196,7 +195,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                         feats = encode_images(encoder.to(device), pixel_values.to(device), model.cfg.encoder)
                 image_index = torch.tensor([local[i] for i, _ in batch], device=device)
-                ids, targets = model.batch_captions([train_records[i].references[j] for i, j in batch])
+                ids, targets = model.batch_tokens([tokens[i][j] for i, j in batch])
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     loss = model.forward_shared(feats, image_index, ids.to(device), targets.to(device)).loss
                 opt.zero_grad(set_to_none=True)
