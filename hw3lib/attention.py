@@ -48,9 +48,11 @@ def aggregate(maps: np.ndarray, layer: int | str = -1, heads: int | str = "mean"
     return x[:, index]
 
 
-def check_query(query: str) -> str:
-    if query not in QUERIES:
-        raise ValueError(f"attention_query {query!r}: expected one of {', '.join(QUERIES)}")
+def check_query(query: str, allow_best: bool = False) -> str:
+    """``query`` if it names one of :data:`QUERIES` (or ``"best"``, where allowed); else a clear error."""
+    names = QUERIES + (("best",) if allow_best else ())
+    if query not in names:
+        raise ValueError(f"attention_query {query!r}: expected one of {', '.join(names)}")
     return query
 
 

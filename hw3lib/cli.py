@@ -112,8 +112,8 @@ def _cmd_train(args) -> int:
     from .captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
     from .data import check_output_dir, load_split
     from .decoder import LoraConfig
-    from .metrics import ClipConfig, ClipScorer
     from .distributed import setup
+    from .metrics import ClipConfig, ClipScorer
     from .train import TrainConfig, check_run_folder, train
 
     d = setup()  # data-parallel under torchrun / accelerate launch; else one process

@@ -211,7 +211,7 @@ def _device_of(model) -> torch.device:
 
 
 def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int) -> torch.Tensor:
-    """``model.generate`` on one preprocessed batch; the prompt and the new tokens, ``(B * 1, prompt + new)``.
+    """``model.generate`` on one preprocessed batch: the prompts and the new tokens, ``(B, prompt + new)``.
 
     Beam search runs the prompt (image included) once per image, not once per beam: a forward pass over every
     prompt but its last token fills a KV cache, which is repeated for the beams and handed to ``generate``. It
@@ -316,8 +316,8 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
 
     Under a launcher (``torchrun`` / ``accelerate launch``, see :mod:`hw3lib.distributed`) every process captions
     every ``world_size``-th batch of the images still to do (the batches one process would form), into its own
-    ``out_json.partial.rank<R>.jsonl``; the main process writes the one JSON, the same as one process writes. A restart resumes from the partial files of any number of
-    processes.
+    ``out_json.partial.rank<R>.jsonl``; the main process writes the one JSON, the same as one process writes. A
+    restart resumes from the partial files of any number of processes.
     """
     from .distributed import current
 

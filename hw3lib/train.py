@@ -203,8 +203,9 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                 if d.active:
                     d.all_reduce_(params_grads(params))
                 _step(opt, sched, params, cfg)
-                losses.append(loss.item() * share)
-                recent.append(loss.item())
+                value = loss.item()
+                losses.append(value * share)
+                recent.append(value)
                 bar.set_postfix(loss=f"{np.mean(recent[-20:]):.3f}")
                 if on_step is not None:
                     on_step(epoch, step)

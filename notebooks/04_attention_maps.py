@@ -38,7 +38,8 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.attention import QUERIES, aggregate, captioner_entries, choose_view, llava_entries, with_query
+from hw3lib.attention import (QUERIES, aggregate, captioner_entries, check_query, choose_view, llava_entries,
+                              with_query)
 from hw3lib.captioner import load_adapter
 from hw3lib.data import hw3_split, list_images
 from hw3lib.demo.world import ground_truth
@@ -47,6 +48,7 @@ from hw3lib.params import read
 from hw3lib.report import save_metrics
 
 P = read(globals())
+check_query(P.attention_query, allow_best=True)  # a misspelt name stops here, before any captioning
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
 
