@@ -456,8 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 -- a user sees one line; developers set HW3_DEBUG=1
         if os.environ.get("HW3_DEBUG"):
             raise
-        print(f"hw3 {args.command}: {_one_line(e)}", file=sys.stderr)
+        from .data import DataError
         from .workbook import ConfigError, WorkbookError
+
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch, one process per GPU
+        if rank == 0 or not isinstance(e, DataError):  # wrong input is the same for all: the main process says it
+            where = f" (process {rank})" if rank else ""
+            print(f"hw3 {args.command}{where}: {_one_line(e)}", file=sys.stderr)
 
         # 1: a notebook failed (its executed copy holds the traceback); 2: wrong input, before or during the work
         return 1 if isinstance(e, WorkbookError) and not isinstance(e, ConfigError) else 2

@@ -129,3 +129,12 @@ def test_sweep_on_two_processes_equals_one(llava, models_dir, world, tmp_path):
     again = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, model_name=name,
                   progress=False, gpus=2)
     assert again == two
+
+
+def test_wrong_input_under_a_launcher_is_said_once(tmp_path):
+    """Every process reads the same input: the main process names the problem, once; the launch fails."""
+    run = subprocess.run(_launch(2, "train", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
+                         capture_output=True, text=True, env=_env())
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("hw3 train")]
+    assert lines == [f"hw3 train: {tmp_path / 'nope'}/p2_data/train.json: file not found"]
