@@ -98,12 +98,19 @@ def test_data_parallel_training_equals_one_process(models_dir, tmp_path):
     run = subprocess.run(_launch(2, *cmd(tmp_path / "two")), capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes" in run.stdout and run.stdout.count("best epoch") == 1
-    one, two = (torch.load(tmp_path / n / "last.pt", weights_only=False) for n in ("one", "two"))
-    assert set(one["trained"]) == set(two["trained"]) and len(one["trained"]) > 4
-    for k, v in one["trained"].items():
-        torch.testing.assert_close(two["trained"][k], v, atol=2e-5, rtol=1e-4, msg=k)
-    for a, b in zip(one["history"], two["history"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # the disk feature cache: the main process writes it, the other waits and reads it
+    disk = subprocess.run(_launch(2, *cmd(tmp_path / "disk"), "--feature-cache", "disk"), capture_output=True,
+                          text=True, env=_env())
+    assert disk.returncode == 0, disk.stderr[-3000:]
+    assert len(list((tmp_path / "disk").glob("features-*.pt"))) == 2  # train and val
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    for name in ("two", "disk"):
+        other = torch.load(tmp_path / name / "last.pt", weights_only=False)
+        assert set(one["trained"]) == set(other["trained"]) and len(one["trained"]) > 4
+        for k, v in one["trained"].items():
+            torch.testing.assert_close(other["trained"][k], v, atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
+        for a, b in zip(one["history"], other["history"]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 def test_sweep_on_two_processes_equals_one(llava, models_dir, world, tmp_path):
