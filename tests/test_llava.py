@@ -64,7 +64,8 @@ def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5),
-                                      dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=4)])
+                                      dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=4),
+                                      dict(num_beams=3, cache="static")])
 def test_beam_search_with_a_shared_prefill_equals_transformers_beam_search(llava, p1_records, settings):
     """generate() fills the KV cache once per image and repeats it for the beams; the result is token for token
     what model.generate(num_beams=K) gives when it runs the prompt once per beam."""
