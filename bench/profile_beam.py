@@ -1,7 +1,7 @@
 """Where beam search's time goes: torch.profiler over one batch of ``hw3lib.llava.caption_records`` with 3 beams
 (llava-1.5-7b architecture, random bf16 weights, COCO-size JPEGs, 20 new tokens), after a warm-up batch.
 
-    python bench/profile_beam.py [--batch 32] [--path shared|per-beam]
+    python bench/profile_beam.py [--batch 32] [--path prompt-once|shared|per-beam]
 """
 import argparse
 import sys
@@ -24,12 +24,15 @@ from llava_throughput import make_images  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--path", default="shared", choices=["shared", "per-beam"])
+    ap.add_argument("--path", default="prompt-once", choices=["prompt-once", "shared", "per-beam"])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     make_images(tmp, 2 * args.batch)
     recs = list_images(tmp)
     model, processor = random_llava(ROOT / "data/demo/models/llava", device="cuda")
+    if args.path == "shared":
+        workbook = llava.generate
+        llava.generate = lambda m, enc, g, pad: workbook(m, enc, g, pad, prompt_once=False)
     if args.path == "per-beam":
         llava.generate = lambda m, enc, g, pad: m.generate(**enc, **g.generate_kwargs(), pad_token_id=pad)
     gen = llava.LlavaGeneration(num_beams=3, max_new_tokens=20, min_new_tokens=20)

@@ -210,13 +210,16 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int) -> torch.Tensor:
+def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
+             prompt_once: bool = True) -> torch.Tensor:
     """``model.generate`` on one preprocessed batch: the prompts and the new tokens, ``(B, prompt + new)``.
 
     Beam search runs the prompt (image included) once per image, not once per beam: a forward pass over every
-    prompt but its last token fills a KV cache, which is repeated for the beams and handed to ``generate``. It
-    then computes the last prompt token and the beams as it always does, so the captions are transformers' own
-    beam search (the tests compare them) at a third of the prefill for 3 beams. The cache is a dynamic one."""
+    prompt but its last token fills a KV cache, handed to ``generate``, which computes the last prompt token and
+    the beams as it always does. So the captions are transformers' own beam search (the tests compare them) at a
+    third of the prefill for 3 beams. With ``prompt_once`` (the default) the prompt's keys and values then stay
+    once per image (``hw3lib.beam_kv``): a step copies and reorders only the generated positions. Without it, the
+    cache is repeated for the beams, and every step grows and reorders the whole of it."""
     kw = generation.generate_kwargs()
     if generation.num_beams == 1 or generation.do_sample:
         return model.generate(**enc, **kw, pad_token_id=pad_token_id)
@@ -224,15 +227,22 @@ def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int) -
 
     from transformers import DynamicCache
 
+    from hw3lib import beam_kv
+
     # the cache argument is "cache" from transformers 5.2x, "past_key_values" before
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache(config=model.config)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=enc["pixel_values"], use_cache=True,
-          logits_to_keep=1, **{name: cache})  # fills the cache in place
-    cache.batch_repeat_interleave(generation.num_beams)  # row i's cache for its beams i*K .. i*K + K - 1
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+          pixel_values=enc["pixel_values"], use_cache=True, logits_to_keep=1, **{name: cache})  # fills the cache
     kw = {k: v for k, v in kw.items() if k not in ("cache_implementation", "disable_compile")}
-    return model.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kw, pad_token_id=pad_token_id)
+    if not prompt_once:
+        cache.batch_repeat_interleave(generation.num_beams)  # row i's cache for its beams i*K .. i*K + K - 1
+        return model.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kw, pad_token_id=pad_token_id)
+    beam_kv.attach(cache, mask[:, :-1], generation.num_beams, generation.max_new_tokens)
+    with beam_kv.attention_for(model, cache):
+        return model.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kw, pad_token_id=pad_token_id)
 
 
 @torch.inference_mode()

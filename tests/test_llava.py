@@ -65,21 +65,61 @@ def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5),
                                       dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=4),
-                                      dict(num_beams=3, cache="static")])
-def test_beam_search_with_a_shared_prefill_equals_transformers_beam_search(llava, p1_records, settings):
-    """generate() fills the KV cache once per image and repeats it for the beams; the result is token for token
-    what model.generate(num_beams=K) gives when it runs the prompt once per beam."""
+                                      dict(num_beams=3, cache="static"), dict(num_beams=3, padded=True)])
+@pytest.mark.parametrize("prompt_once", [True, False])
+def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(llava, p1_records, settings,
+                                                                                prompt_once):
+    """generate() runs the prompt once per image, not once per beam. With prompt_once its keys and values stay
+    once per image (hw3lib.beam_kv); without, the cache is repeated for the beams. Either way the result is token
+    for token what model.generate(num_beams=K) gives. "padded" mixes instructions of different lengths, so the
+    prompts are left-padded."""
     from hw3lib.llava import generate
 
     model, processor = llava
+    settings = dict(settings)
+    instructions = [DEFAULT_INSTRUCTION, "Shapes?", "Name every shape and colour in this picture, one by one."]
+    texts = [build_prompt(processor, instructions[i % 3] if settings.pop("padded", False) else DEFAULT_INSTRUCTION)
+             for i in range(6)]
     gen = LlavaGeneration(max_new_tokens=12, **settings)
     images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:6]]
-    enc = dict(processor(images=images, text=[build_prompt(processor, DEFAULT_INSTRUCTION)] * 6, padding=True,
-                         return_tensors="pt"))
+    enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     with torch.inference_mode():
         ref = model.generate(**enc, **gen.generate_kwargs(), pad_token_id=processor.tokenizer.pad_token_id)
-        ours = generate(model, enc, gen, processor.tokenizer.pad_token_id)
+        ours = generate(model, enc, gen, processor.tokenizer.pad_token_id, prompt_once=prompt_once)
     assert ours.shape == ref.shape and torch.equal(ours, ref)
+    assert model.config.text_config._attn_implementation == "sdpa"  # the prompt-once attention was only lent
+
+
+def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
+    """hw3lib.beam_kv's layer against a brute-force per-beam cache: the same keys for every beam after writes and
+    reorders, while the prompt is stored once per image."""
+    from transformers import DynamicCache
+
+    from hw3lib import beam_kv
+
+    B, K, H, P, D, T = 2, 3, 2, 5, 4, 4
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(B, H, P, D, generator=g)
+    cache = DynamicCache()
+    cache.update(prompt, prompt + 1, 0)
+    beam_kv.attach(cache, torch.ones(B, P, dtype=torch.long), K, T)
+    layer = cache.layers[0]
+    ref = prompt.repeat_interleave(K, dim=0)  # (B*K, H, P, D): what transformers keeps
+    for step in range(3):
+        new = torch.randn(B * K, H, 1, D, generator=g)
+        keys, _ = layer.update(new, new, 0)
+        ref = torch.cat([ref, new], dim=2)
+        layer.shared.written += 1
+        beam = torch.tensor([[2, 0, 0], [1, 1, 2]]) + torch.arange(B)[:, None] * K  # survivors, within each image
+        layer.reorder_cache(beam.flatten())
+        ref = ref[beam.flatten()]
+        assert keys.shape == (B, H, P + K * T, D) and layer.get_seq_length() == P + step + 1
+        got = layer._beams(layer.kbuf)[:, :, :step + 1]  # (B, K, t, H, D)
+        assert torch.equal(got.reshape(B * K, step + 1, H, D).transpose(1, 2), ref[:, :, P:])
+        assert torch.equal(layer.kbuf[:, :P].transpose(1, 2), prompt)
+    mask = layer.shared.step_mask(1)  # query of beam k sees the prompt and its own written slots (+ the new one)
+    assert mask.shape == (B, 1, K, P + K * T)
+    assert mask[0, 0, 1].tolist() == [True] * P + [False] * T + [True] * 4 + [False] * T
 
 
 def test_killed_run_resumes_without_losing_or_redoing_captions(llava, p1_records, tmp_path):
