@@ -1,6 +1,7 @@
 """P2 captioner training throughput on one GPU: one epoch with the feature cache vs. without.
 
     python bench/train_throughput.py [--images 10000] [--encoder vit_gigantic_patch14_clip_224] [--json OUT.json]
+        [--compile-runs off on on] [--skip-probes]
 
 Weights do not change speed: the encoder is the timm architecture with random weights, the decoder a random
 course-size GPT-2 (12 x 768, vocabulary 50,257) saved as ``decoder_model.bin``, with LoRA r = 32 on every linear
@@ -8,7 +9,8 @@ layer (c_attn, attn.c_proj, c_fc, mlp.c_proj). The data is a fake ``hw3_data/p2_
 COCO-size JPEGs (640 x 480) with 5 captions each, written on the spot.
 
 Three timings, in one run, through ``hw3lib.train.train``:
-* **cache**: the encoder runs once per image (DataLoader workers decode), then the epoch trains on cached features;
+* **cache**: the encoder runs once per image (DataLoader workers decode), then the epoch trains on cached features,
+  with the eager step and the compiled one (``--compile-runs``);
 * **no cache**: the encoder runs inside every training step (images decoded in the step);
 * **per caption** (the HW3 solutions' way): every caption is its own sample, so the encoder runs 5 times per
   image and the decoder re-reads the visual prefix for each caption.
@@ -75,6 +77,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="captions per step (the uncached probes)")
     ap.add_argument("--cache-batch-sizes", type=int, nargs="+", default=[64, 256],
                     help="captions per step for the cached epoch, one full epoch each")
+    ap.add_argument("--compile-runs", nargs="+", default=["off", "on", "on"], choices=["off", "on"],
+                    help="the cached epoch once per entry, with the compiled step on or off (TrainConfig.compile); "
+                         "the first 'on' compiles, a later one finds the compiled code in inductor's cache")
+    ap.add_argument("--skip-probes", action="store_true", help="only the cached epochs")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--probe-steps", type=int, default=40, help="steps timed for the two uncached paths")
     ap.add_argument("--tokenizer", default=str(ROOT / "data/demo/models/decoder"),
@@ -126,28 +132,37 @@ def main() -> None:
 
     # 1. with the cache: feature extraction + one epoch, end to end, at each batch size (captions per step)
     results["cache"] = {}
+    results["cache_runs"] = []
     for bs in args.cache_batch_sizes:
-        model = fresh()[0]
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        tcfg = TrainConfig(num_epochs=1, batch_size=bs, eval_images=args.val_images, feature_cache="memory",
-                           num_workers=args.workers, eval_batch_size=128)
-        steps = []
-        t0 = time.time()
-        result = train(model, encoder, transform, train_recs, val_recs, tcfg, tmp / f"run_cache{bs}",
-                       resume=False, device=device, on_step=lambda e, s: steps.append(time.time()))
-        total = time.time() - t0
-        train_s = steps[-1] - steps[0]
-        results["cache"][str(bs)] = {
-            "epoch_seconds_total": total, "steps": len(steps), "feature_and_setup_seconds": steps[0] - t0,
-            "train_loop_seconds": train_s, "seconds_per_step": train_s / (len(steps) - 1),
-            "val_seconds": result.history[-1]["seconds"] - train_s, "captions_per_s": 5 * len(train_recs) / total,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-        print(f"cache, batch {bs}: one epoch {total:.1f}s end to end (features + setup {steps[0] - t0:.1f}s, "
-              f"{len(steps)} steps {train_s:.1f}s, validation {args.val_images} images); "
-              f"{5 * len(train_recs) / total:.0f} captions/s; peak {results['cache'][str(bs)]['peak_gib']} GiB",
-              flush=True)
-        del model
+        for run, mode in enumerate(args.compile_runs):
+            model = fresh()[0]
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            tcfg = TrainConfig(num_epochs=1, batch_size=bs, eval_images=args.val_images, feature_cache="memory",
+                               num_workers=args.workers, eval_batch_size=128, compile=mode == "on")
+            steps = []
+            t0 = time.time()
+            result = train(model, encoder, transform, train_recs, val_recs, tcfg, tmp / f"run_cache{bs}_{run}",
+                           resume=False, device=device, on_step=lambda e, s: steps.append(time.time()))
+            total = time.time() - t0
+            train_s = steps[-1] - steps[0]
+            row = {"batch": bs, "compile": mode, "run": run, "epoch_seconds_total": total, "steps": len(steps),
+                   "features_setup_and_first_step_seconds": steps[0] - t0,
+                   "train_loop_seconds_after_first_step": train_s, "seconds_per_step": train_s / (len(steps) - 1),
+                   "val_seconds": result.history[-1]["seconds"] - train_s, "loss": result.history[-1]["loss"],
+                   "captions_per_s": 5 * len(train_recs) / total,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+            results["cache_runs"].append(row)
+            results["cache"].setdefault(str(bs), row)
+            print(f"cache, batch {bs}, compile {mode} (run {run + 1}): one epoch {total:.1f}s end to end (features, "
+                  f"setup and first step {steps[0] - t0:.1f}s, then {len(steps) - 1} steps {train_s:.1f}s = "
+                  f"{1000 * row['seconds_per_step']:.1f} ms/step, validation {args.val_images} images); loss "
+                  f"{row['loss']:.5f}; peak {row['peak_gib']} GiB", flush=True)
+            del model
+    if args.skip_probes:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     total = results["cache"][str(args.batch_size)]["epoch_seconds_total"] if str(args.batch_size) in \
         results["cache"] else next(iter(results["cache"].values()))["epoch_seconds_total"]
 

@@ -167,9 +167,13 @@ class Decoder(nn.Module):
         B, T, _ = x.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         pos = torch.arange(T, device=x.device) + past_len
-        pos = pos + (position_offset.view(-1, 1) if torch.is_tensor(position_offset) else position_offset)
-        if int(pos.max()) >= self.cfg.block_size:
-            raise ValueError(f"position {int(pos.max())} is past block_size {self.cfg.block_size}")
+        if torch.is_tensor(position_offset):  # per-row offsets: the check reads them back from the device
+            pos = pos + position_offset.view(-1, 1)
+            last = int(pos.max())
+        else:  # known on the host: no device sync (and nothing that stops torch.compile's graph)
+            pos, last = pos + position_offset, past_len + T - 1 + position_offset
+        if last >= self.cfg.block_size:
+            raise ValueError(f"position {last} is past block_size {self.cfg.block_size}")
         x = F.dropout(x + self.transformer.wpe(pos), self.cfg.dropout, self.training)
         presents, attentions = [], [] if output_attentions else None
         for i, block in enumerate(self.transformer.h):

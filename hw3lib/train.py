@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .captioner import (Captioner, GenerationConfig, caption_features, encode_images, extract_features,
@@ -45,6 +46,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     deterministic: bool = True  # CPU: deterministic kernels (index_add's threads otherwise sum in any order), so the
     # same seed gives bit-identical tensors; CUDA keeps its fast kernels
+    compile: bool | None = None  # the step's loss and backward through torch.compile (None: on CUDA only). A step
+    # is thousands of small kernels (LoRA on every linear); compiled, they are fused, and on CUDA replayed as CUDA
+    # graphs ("reduce-overhead") without Python. Every step is padded to the largest, so it compiles once. Speed
+    # only: not part of the run's identity, so a run may resume with it on or off
 
 
 @dataclass
@@ -167,12 +172,15 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
         log(f"resumed from {last} after epoch {state['epoch'] + 1}/{cfg.num_epochs}")
 
     amp = cfg.amp and device.type == "cuda"
+    compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
+    step_loss = caption_loss(model, amp, step_sizes(plan, tokens) if compiled else None,
+                             "reduce-overhead" if device.type == "cuda" else None)  # CUDA graphs where there are
     with _block_weights_in_bf16(model, amp), _deterministic(cfg.deterministic and device.type == "cpu"):
         for epoch in range(start_epoch, cfg.num_epochs):
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
             model.train()
-            losses, recent = [], []  # this process's share of each step's loss; its own recent losses
+            shares, values, pending = [], [], []  # each step's share of the loss; its loss, read back in groups
             bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, disable=not d.main)
             for step, batch in enumerate(bar):
                 share = 1.0
@@ -196,19 +204,22 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                         feats = encode_images(encoder.to(device), pixel_values.to(device), model.cfg.encoder)
                 image_index = torch.tensor([local[i] for i, _ in batch], device=device)
                 ids, targets = model.batch_tokens([tokens[i][j] for i, j in batch])
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    loss = model.forward_shared(feats, image_index, ids.to(device), targets.to(device)).loss
+                loss = step_loss(feats, image_index, ids.to(device), targets.to(device))
                 opt.zero_grad(set_to_none=True)
                 (loss * share).backward()
                 if d.active:
                     d.all_reduce_(params_grads(params))
                 _step(opt, sched, params, cfg)
-                value = loss.item()
-                losses.append(value * share)
-                recent.append(value)
-                bar.set_postfix(loss=f"{np.mean(recent[-20:]):.3f}")
+                shares.append(share)
+                pending.append(loss.detach().clone())  # a copy: a CUDA graph reuses its output's memory
+                if len(pending) == 20 or step == len(plan[epoch]) - 1:  # not every step: a read-back waits for the GPU
+                    values += torch.stack(pending).tolist()
+                    pending = []
+                    bar.set_postfix(loss=f"{np.mean(values[-20:]):.3f}")
                 if on_step is not None:
                     on_step(epoch, step)
+            values += torch.stack(pending).tolist() if pending else []  # a process whose last steps were empty
+            losses = [v * s for v, s in zip(values, shares)]
             loss_sum = torch.tensor([float(np.sum(losses))], dtype=torch.float64, device=device)  # NCCL: on the GPU
             d.all_reduce_([loss_sum])
             if not d.main:  # the main process validates and writes the checkpoints
@@ -237,6 +248,47 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
 
 
+def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | None = None,
+                 mode: str | None = None):
+    """``loss(features, image_index, input_ids, targets)``: :meth:`Captioner.forward_shared`'s loss, under bf16
+    autocast when ``amp``.
+
+    With ``pad_to = (images, captions, tokens)`` it goes through ``torch.compile`` (forward and backward), and every
+    step is first padded to those sizes: one shape, so one compile. The padding changes nothing in the loss: the
+    extra images are never indexed, and the extra captions and positions have no targets (-100), which the mean
+    skips."""
+    def loss(features, image_index, input_ids, targets):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return model.forward_shared(features, image_index, input_ids, targets).loss
+
+    if pad_to is None:
+        return loss
+    n_images, n_captions, n_tokens = pad_to
+    compiled = torch.compile(loss, mode=mode)  # mode: torch.compile's ("reduce-overhead": CUDA graphs)
+    graphs = mode == "reduce-overhead"
+
+    def padded(features, image_index, input_ids, targets):
+        (n, N), T = (features.shape[0], input_ids.shape[0]), input_ids.shape[1]
+        features = F.pad(features, (0, 0, 0, 0, 0, n_images - n))
+        image_index = F.pad(image_index, (0, n_captions - N))
+        input_ids = F.pad(input_ids, (0, n_tokens - T, 0, n_captions - N), value=model.tokenizer.eot_id)
+        targets = F.pad(targets, (0, n_tokens - T, 0, n_captions - N), value=-100)
+        # loralib's MergedLinear pads with a boolean mask (a nonzero): trace it rather than break the graph there
+        if graphs:  # a new step: the graph's outputs (the last loss) may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(features, image_index, input_ids, targets)
+
+    return padded
+
+
+def step_sizes(plan: list[list[list[tuple[int, int]]]], tokens: list[list[list[int]]]) -> tuple[int, int, int]:
+    """The most images, captions and input tokens (``<eot>`` + caption) of any step in ``plan``."""
+    steps = [step for epoch in plan for step in epoch]
+    return (max(len({i for i, _ in step}) for step in steps), max(map(len, steps)),
+            max(len(tokens[i][j]) + 1 for step in steps for i, j in step))
+
+
 def params_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients to sum over the processes (zeros where a parameter got none this step)."""
     for p in params:
@@ -254,7 +306,8 @@ def _step(opt, sched, params, cfg: TrainConfig) -> None:
 def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_records: list[Record],
             gen: GenerationConfig) -> str:
     """What makes two runs the same: a checkpoint is resumed only by the run that wrote it."""
-    return json.dumps([asdict(model_cfg), asdict(cfg), [r.file_id for r in train_records],
+    cfg = {k: v for k, v in asdict(cfg).items() if k != "compile"}  # speed only (keys of earlier runs stay valid)
+    return json.dumps([asdict(model_cfg), cfg, [r.file_id for r in train_records],
                        [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
 
 
