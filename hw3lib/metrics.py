@@ -23,7 +23,7 @@ class ClipConfig:
     model: str = "ViT-B-32-quickgelu"  # open_clip name, "local-dir:PATH", or a folder holding open_clip_config.json
     pretrained: str | None = "openai"  # tag or local checkpoint file (ignored for folders)
     batch_size: int = 64  # images per forward pass
-    num_workers: int | None = None  # DataLoader workers decoding images; None: up to 16 on a GPU, 0 on the CPU
+    num_workers: int | None = None  # threads decoding images; None: up to 16 on a GPU, 0 on the CPU
     device: str | None = None  # default: cuda when present
     # the course's evaluate.py loads CLIP with clip.load, which runs fp16 on a GPU and fp32 on the CPU; "auto" does
     # the same ("fp32" / "fp16" force one). docs/benchmarks.md has the measured difference of the mean.
@@ -69,14 +69,41 @@ class ClipScorer:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
 
+    def image_batches(self, records: list[Record]):
+        """Preprocessed image batches in record order. With ``num_workers`` > 0, threads decode and resize a few
+        batches ahead: Pillow and torch release the GIL there, and threads start at once, where worker processes
+        take a second to start and must pickle every tensor back. Decoding starts on the call, not on the first
+        ``next``, so the caller can do other work meanwhile."""
+        dataset, bs = ImageDataset(records, self.preprocess), self.cfg.batch_size
+        starts = range(0, len(records), bs)
+        if self.num_workers <= 0:
+            return (torch.stack([dataset[i][0] for i in range(s, min(s + bs, len(records)))]) for s in starts)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
+        ahead = max(2, 2 * self.num_workers // bs + 2)  # batches in flight
+        pending = [[pool.submit(dataset.__getitem__, i) for i in range(s, min(s + bs, len(records)))]
+                   for s in starts[:ahead]]
+
+        def batches():
+            try:
+                for n in range(len(starts)):
+                    if n + ahead < len(starts):
+                        s = starts[n + ahead]
+                        pending.append([pool.submit(dataset.__getitem__, i)
+                                        for i in range(s, min(s + bs, len(records)))])
+                    yield torch.stack([f.result()[0] for f in pending[n]])
+                    pending[n] = None
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        return batches()
+
     @torch.no_grad()
-    def embed_images(self, records: list[Record]) -> torch.Tensor:
-        """L2-normalised image embeddings, (N, D), in record order."""
-        loader = torch.utils.data.DataLoader(ImageDataset(records, self.preprocess), batch_size=self.cfg.batch_size,
-                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
+    def embed_images(self, records: list[Record], batches=None) -> torch.Tensor:
+        """L2-normalised image embeddings, (N, D), in record order (``batches``: from :meth:`image_batches`)."""
         out = []
-        for pixel_values, _ in loader:
+        for pixel_values in (batches if batches is not None else self.image_batches(records)):
             emb = self.model.encode_image(pixel_values.to(self.device, self.dtype, non_blocking=True)).float()
             out.append(emb / emb.norm(dim=-1, keepdim=True))
         return torch.cat(out)
@@ -95,7 +122,9 @@ class ClipScorer:
         """CLIPScore of each (image, caption) pair: ``2.5 * max(cos, 0)``."""
         if len(records) != len(captions):
             raise ValueError(f"{len(records)} images but {len(captions)} captions")
-        cos = (self.embed_images(records) * self.embed_texts(captions)).sum(-1)
+        batches = self.image_batches(records)  # decoding starts now, while the captions are encoded
+        texts = self.embed_texts(captions)
+        cos = (self.embed_images(records, batches) * texts).sum(-1)
         return (2.5 * cos.clamp(min=0)).cpu().numpy()
 
 

@@ -77,6 +77,27 @@ def test_clipscore_equals_a_brute_force_loop(val, clip_scorer):
     assert abs(mean - np.mean(ref)) < 1e-5
 
 
+def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_image(val, clip_scorer, tmp_path,
+                                                                                     monkeypatch):
+    """ClipConfig.num_workers > 0 decodes in threads, a few batches ahead, in record order: the same scores as the
+    serial path (batches of 7 so that the last one is short), and a corrupt image is a DataError naming it."""
+    import shutil
+    from dataclasses import replace
+
+    captions = [r.references[0] for r in val]
+    monkeypatch.setattr(clip_scorer.cfg, "batch_size", 7)
+    serial = clip_scorer.score_pairs(val, captions)
+    monkeypatch.setattr(clip_scorer, "num_workers", 3)
+    assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
+    broken = list(val[:20])
+    bad = tmp_path / broken[9].image_path.name
+    shutil.copy(broken[9].image_path, bad)
+    bad.write_bytes(bad.read_bytes()[:200])
+    broken[9] = replace(broken[9], image_path=bad)
+    with pytest.raises(DataError, match=f"{bad.name}: corrupt or truncated"):
+        clip_scorer.score_pairs(broken, captions[:20])
+
+
 def test_clipscore_truncates_long_captions(val, clip_scorer):
     long = " ".join(["a red circle"] * 100)
     scores = clip_scorer.score_pairs(val[:2], [long, long])
