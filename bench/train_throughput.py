@@ -142,15 +142,17 @@ def main() -> None:
                                num_workers=args.workers, eval_batch_size=128, compile=mode == "on")
             steps = []
             t0 = time.time()
+            logs = []
             result = train(model, encoder, transform, train_recs, val_recs, tcfg, tmp / f"run_cache{bs}_{run}",
-                           resume=False, device=device, on_step=lambda e, s: steps.append(time.time()))
+                           resume=False, device=device, on_step=lambda e, s: steps.append(time.time()),
+                           log=lambda m: (logs.append(m), print(m, flush=True)))
             total = time.time() - t0
             train_s = steps[-1] - steps[0]
             row = {"batch": bs, "compile": mode, "run": run, "epoch_seconds_total": total, "steps": len(steps),
                    "features_setup_and_first_step_seconds": steps[0] - t0,
                    "train_loop_seconds_after_first_step": train_s, "seconds_per_step": train_s / (len(steps) - 1),
                    "val_seconds": result.history[-1]["seconds"] - train_s, "loss": result.history[-1]["loss"],
-                   "captions_per_s": 5 * len(train_recs) / total,
+                   "captions_per_s": 5 * len(train_recs) / total, "log": logs,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
             results["cache_runs"].append(row)
             results["cache"].setdefault(str(bs), row)

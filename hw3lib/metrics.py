@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, ImageDataset, Record, check_keys, load_annotations, read_predictions
+from .data import DataError, ImageDataset, Record, check_keys, load_annotations, load_image, read_predictions
 from .cider import cider, cider_in_background, java_available, java_ptb_tokenize, tokenize  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------- CLIPScore
@@ -70,29 +70,52 @@ class ClipScorer:
         self.tokenizer = open_clip.get_tokenizer(name)
 
     def image_batches(self, records: list[Record]):
-        """Preprocessed image batches in record order. With ``num_workers`` > 0, threads decode and resize a few
-        batches ahead: Pillow and torch release the GIL there, and threads start at once, where worker processes
-        take a second to start and must pickle every tensor back. Decoding starts on the call, not on the first
-        ``next``, so the caller can do other work meanwhile."""
+        """Preprocessed image batches in record order, on the model's device in its dtype.
+
+        With ``num_workers`` > 0, threads decode, resize and crop a few batches ahead (Pillow releases the GIL
+        there; threads start at once, where worker processes take a second to start and pickle every tensor back).
+        They hand over uint8 pixels; ``ToTensor`` and ``Normalize`` (the same float operations) then run on the
+        device, so that no thread runs torch kernels, whose own thread pools would fight over the cores. Decoding
+        starts on the call, not on the first ``next``, so the caller can encode the captions meanwhile."""
         dataset, bs = ImageDataset(records, self.preprocess), self.cfg.batch_size
         starts = range(0, len(records), bs)
+
+        def ready(x: torch.Tensor) -> torch.Tensor:
+            return x.to(self.device, self.dtype, non_blocking=True)
+
         if self.num_workers <= 0:
-            return (torch.stack([dataset[i][0] for i in range(s, min(s + bs, len(records)))]) for s in starts)
+            return (ready(torch.stack([dataset[i][0] for i in range(s, min(s + bs, len(records)))])) for s in starts)
         from concurrent.futures import ThreadPoolExecutor
+
+        split = _split_preprocess(self.preprocess)
+        if split is None:  # not open_clip's usual transform: the whole of it in the threads
+            def load(i):
+                return dataset[i][0]
+        else:
+            on_host, mean, std = split
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device)[:, None, None] for v in (mean, std))
+
+            def load(i):
+                return np.asarray(on_host(load_image(records[i].image_path)))
+
+        def finish(items):
+            if split is None:
+                return ready(torch.stack(items))
+            pixels = torch.from_numpy(np.stack(items)).to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
+            x = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)  # ToTensor
+            return x.sub_(mean).div_(std).to(self.dtype)  # Normalize
 
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
         ahead = max(2, 2 * self.num_workers // bs + 2)  # batches in flight
-        pending = [[pool.submit(dataset.__getitem__, i) for i in range(s, min(s + bs, len(records)))]
-                   for s in starts[:ahead]]
+        pending = [[pool.submit(load, i) for i in range(s, min(s + bs, len(records)))] for s in starts[:ahead]]
 
         def batches():
             try:
                 for n in range(len(starts)):
                     if n + ahead < len(starts):
                         s = starts[n + ahead]
-                        pending.append([pool.submit(dataset.__getitem__, i)
-                                        for i in range(s, min(s + bs, len(records)))])
-                    yield torch.stack([f.result()[0] for f in pending[n]])
+                        pending.append([pool.submit(load, i) for i in range(s, min(s + bs, len(records)))])
+                    yield finish([f.result() for f in pending[n]])
                     pending[n] = None
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -104,7 +127,7 @@ class ClipScorer:
         """L2-normalised image embeddings, (N, D), in record order (``batches``: from :meth:`image_batches`)."""
         out = []
         for pixel_values in (batches if batches is not None else self.image_batches(records)):
-            emb = self.model.encode_image(pixel_values.to(self.device, self.dtype, non_blocking=True)).float()
+            emb = self.model.encode_image(pixel_values).float()
             out.append(emb / emb.norm(dim=-1, keepdim=True))
         return torch.cat(out)
 
@@ -126,6 +149,17 @@ class ClipScorer:
         texts = self.embed_texts(captions)
         cos = (self.embed_images(records, batches) * texts).sum(-1)
         return (2.5 * cos.clamp(min=0)).cpu().numpy()
+
+
+def _split_preprocess(preprocess):
+    """``(pil_steps, mean, std)`` when ``preprocess`` is open_clip's usual ``Compose([..., ToTensor(),
+    Normalize(mean, std)])``, else None."""
+    from torchvision import transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or type(steps[-1]) is not T.Normalize:
+        return None
+    return T.Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std)
 
 
 def clip_score(scorer: ClipScorer, predictions: dict[str, str], image_dir: str | Path,

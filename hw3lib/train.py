@@ -140,10 +140,13 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     check_run_folder(out_dir, model.cfg, cfg, train_records, val_records, gen, overwrite=overwrite or not resume)
     if d.active and cfg.feature_cache == "disk" and not d.main:
         d.barrier()  # the main process extracts (or finds) the disk cache; the others then read it
+    t_features = time.time()
     train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
         if cfg.feature_cache != "off" else None
     val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device) \
         if d.main else None
+    if cfg.feature_cache != "off" and d.main:
+        log(f"features of {len(train_records)} + {len(val_records)} images ready in {time.time() - t_features:.1f}s")
     if d.active and cfg.feature_cache == "disk" and d.main:
         d.barrier()
 

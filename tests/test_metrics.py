@@ -88,6 +88,7 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
     monkeypatch.setattr(clip_scorer.cfg, "batch_size", 7)
     serial = clip_scorer.score_pairs(val, captions)
     monkeypatch.setattr(clip_scorer, "num_workers", 3)
+    assert metrics._split_preprocess(clip_scorer.preprocess) is not None  # uint8 pixels, normalised on the device
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     broken = list(val[:20])
     bad = tmp_path / broken[9].image_path.name
