@@ -132,7 +132,8 @@ def _cmd_train(args) -> int:
         projection=args.projection, visual_norm=not args.no_visual_norm, **paths_for(root))
     tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        captions_per_image=args.captions_per_image, eval_images=args.eval_images or 0,
-                       feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed)
+                       feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed,
+                       compile=False if args.no_compile else None)
     gen = _gen(args)
     if not args.no_resume:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
@@ -334,6 +335,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default=tc.feature_cache)
         t.add_argument("--num-workers", type=COUNT, default=tc.num_workers,
                        help="image-decoding workers (default: 4 on a GPU, 0 on the CPU)")
+        t.add_argument("--no-compile", action="store_true",
+                       help="train eagerly on a GPU (default there: the step compiled with torch.compile)")
         t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")
         t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
         t.add_argument("--clip-pretrained", default="")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -270,17 +271,31 @@ def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | Non
     compiled = torch.compile(loss, mode=mode)  # mode: torch.compile's ("reduce-overhead": CUDA graphs)
     graphs = mode == "reduce-overhead"
 
+    state = {"compiled": True, "first": True}
+
     def padded(features, image_index, input_ids, targets):
+        if not state["compiled"]:
+            return loss(features, image_index, input_ids, targets)
         (n, N), T = (features.shape[0], input_ids.shape[0]), input_ids.shape[1]
-        features = F.pad(features, (0, 0, 0, 0, 0, n_images - n))
-        image_index = F.pad(image_index, (0, n_captions - N))
-        input_ids = F.pad(input_ids, (0, n_tokens - T, 0, n_captions - N), value=model.tokenizer.eot_id)
-        targets = F.pad(targets, (0, n_tokens - T, 0, n_captions - N), value=-100)
-        # loralib's MergedLinear pads with a boolean mask (a nonzero): trace it rather than break the graph there
+        step = (F.pad(features, (0, 0, 0, 0, 0, n_images - n)), F.pad(image_index, (0, n_captions - N)),
+                F.pad(input_ids, (0, n_tokens - T, 0, n_captions - N), value=model.tokenizer.eot_id),
+                F.pad(targets, (0, n_tokens - T, 0, n_captions - N), value=-100))
         if graphs:  # a new step: the graph's outputs (the last loss) may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-            return compiled(features, image_index, input_ids, targets)
+        try:
+            # loralib's MergedLinear pads with a boolean mask (a nonzero): trace it, do not break the graph there
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+                return compiled(*step)
+        except torch._dynamo.exc.TorchDynamoException as e:  # no compiler here (Triton, a C++ compiler): eager
+            if not state["first"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile could not compile the training step ({type(e).__name__}: {first}); "
+                          "training eagerly (hw3 train --no-compile skips the attempt)", stacklevel=2)
+            state["compiled"] = False
+            return loss(features, image_index, input_ids, targets)
+        finally:
+            state["first"] = False
 
     return padded
 

@@ -193,3 +193,30 @@ def test_compiled_step_gives_the_loss_curve_of_the_eager_step(world, models_dir,
     # compile on or off is the same run: it resumes either way
     on, off = (run_key(model.cfg, replace(cfg, compile=c), recs, val, GenerationConfig()) for c in (True, False))
     assert on == off
+
+
+def test_a_step_that_cannot_compile_trains_eagerly_with_one_warning(world, models_dir, tmp_path, monkeypatch):
+    """No compiler on the machine (no Triton, no C++ compiler): the first step says so in one warning and the run
+    goes on eagerly, with the adapter of compile=False."""
+    import hw3lib.train as train_module
+
+    def no_compiler(fn, **kw):
+        def fails(*args):
+            raise torch._dynamo.exc.TorchDynamoException("Cannot find a working triton installation")
+        return fails
+
+    recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:12]
+    val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:2]
+    cfg = TrainConfig(num_epochs=1, batch_size=8, lr=3e-3, captions_per_image=2, seed=1)
+    model, enc, tr = _fresh(world, models_dir)
+    train(model, enc, tr, recs, val, replace(cfg, compile=False), tmp_path / "eager", log=lambda *_: None,
+          device="cpu")
+    eager = trained_state_dict(model)
+    monkeypatch.setattr(train_module.torch, "compile", no_compiler)
+    model, enc, tr = _fresh(world, models_dir)
+    with pytest.warns(UserWarning, match=r"could not compile the training step .*triton.*training eagerly") as seen:
+        train(model, enc, tr, recs, val, replace(cfg, compile=True), tmp_path / "fallback", log=lambda *_: None,
+              device="cpu")
+    assert sum("could not compile" in str(w.message) for w in seen) == 1
+    for k, v in trained_state_dict(model).items():
+        assert torch.equal(v, eager[k]), k
