@@ -570,7 +570,7 @@ def _sweep_on_gpus(todo: list, records: list[Record], out_dir: Path, model_name:
            "hw3lib.sweep_worker", str(spec_path)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
-        tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+        tail = "\n".join(done.stdout.strip().splitlines()[-40:])
         raise RuntimeError(f"the sweep's captioning on {gpus} GPUs failed ({' '.join(cmd)}):\n{tail}")
     runs = {}
     for r in json.loads(results_path.read_text()):
