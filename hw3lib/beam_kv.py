@@ -23,6 +23,7 @@ import contextvars
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 NAME = "hw3_prompt_once"
 _active: contextvars.ContextVar["_Shared | None"] = contextvars.ContextVar("hw3_prompt_once", default=None)
@@ -50,13 +51,7 @@ class _Shared:
         return torch.cat([pre, gen.expand(B, K * q, K * T)], dim=-1)[:, None]
 
 
-def _layer_base():
-    from transformers.cache_utils import DynamicLayer
-
-    return DynamicLayer
-
-
-class PromptOnceLayer(_layer_base()):
+class PromptOnceLayer(DynamicLayer):
     """One layer's buffer ``(B, P + K*T, H, D)``; ``update`` returns it viewed as ``(B, H, P + K*T, D)``."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, shared: _Shared):
