@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import pil_resize
 from .data import DataError, ImageDataset, Record, check_keys, load_annotations, load_image, read_predictions
 from .cider import cider, cider_in_background, java_available, java_ptb_tokenize, tokenize  # noqa: F401
 
@@ -67,6 +68,8 @@ class ClipScorer:
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else \
             (min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.preprocess = preprocess
+        # resize and crop on the GPU (hw3lib.pil_resize, Pillow's integers) instead of in the decoding threads
+        self.resize_on_device = self.device.type == "cuda"
         self.tokenizer = open_clip.get_tokenizer(name)
 
     def image_batches(self, records: list[Record]):
@@ -75,7 +78,9 @@ class ClipScorer:
         With ``num_workers`` > 0, threads decode, resize and crop a few batches ahead (Pillow releases the GIL
         there; threads start at once, where worker processes take a second to start and pickle every tensor back).
         They hand over uint8 pixels; ``ToTensor`` and ``Normalize`` (the same float operations) then run on the
-        device, so that no thread runs torch kernels, whose own thread pools would fight over the cores. Decoding
+        device, so that no thread runs torch kernels, whose own thread pools would fight over the cores. On a GPU
+        the threads only decode: the resize and the crop, most of the CPU time, run on the GPU with Pillow's
+        integer arithmetic (:mod:`hw3lib.pil_resize`, bit-equal). Decoding
         starts on the call, not on the first ``next``, so the caller can encode the captions meanwhile."""
         dataset, bs = ImageDataset(records, self.preprocess), self.cfg.batch_size
         starts = range(0, len(records), bs)
@@ -88,6 +93,7 @@ class ClipScorer:
         from concurrent.futures import ThreadPoolExecutor
 
         split = _split_preprocess(self.preprocess)
+        on_device = _device_resize(split[0]) if split is not None and self.resize_on_device else None
         if split is None:  # not open_clip's usual transform: the whole of it in the threads
             def load(i):
                 return dataset[i][0]
@@ -96,12 +102,18 @@ class ClipScorer:
             mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device)[:, None, None] for v in (mean, std))
 
             def load(i):
-                return np.asarray(on_host(load_image(records[i].image_path)))
+                if on_device:  # decoded here, resized and cropped on the GPU (bit-equal to Pillow's)
+                    pixels = torch.from_numpy(np.array(load_image(records[i].image_path)))  # writable
+                    return pixels.pin_memory() if self.device.type == "cuda" else pixels
+                return torch.from_numpy(np.array(on_host(load_image(records[i].image_path))))
 
         def finish(items):
             if split is None:
                 return ready(torch.stack(items))
-            pixels = torch.from_numpy(np.stack(items)).to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
+            if on_device:
+                pixels = pil_resize.group_resize_center_crop(items, *on_device, self.device)
+            else:
+                pixels = torch.stack(items).to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
             x = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)  # ToTensor
             return x.sub_(mean).div_(std).to(self.dtype)  # Normalize
 
@@ -149,6 +161,28 @@ class ClipScorer:
         texts = self.embed_texts(captions)
         cos = (self.embed_images(records, batches) * texts).sum(-1)
         return (2.5 * cos.clamp(min=0)).cpu().numpy()
+
+
+def _device_resize(on_host) -> tuple[int, int] | None:
+    """``(size, crop)`` when ``on_host`` is ``Resize(size, bicubic)`` + ``CenterCrop(crop)`` (+ open_clip's RGB
+    conversion, a no-op on our RGB images), which :mod:`hw3lib.pil_resize` computes on the GPU as Pillow does."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(on_host, "transforms", []))
+    if steps and type(steps[-1]).__name__ == "MaybeConvertMode" and getattr(steps[-1], "mode", None) == "RGB":
+        steps = steps[:-1]
+    if len(steps) != 2 or type(steps[0]) is not T.Resize or type(steps[1]) is not T.CenterCrop:
+        return None
+    resize, crop = steps
+    size = resize.size[0] if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1 else resize.size
+    if not isinstance(size, int) or resize.max_size is not None or \
+            resize.interpolation != T.InterpolationMode.BICUBIC or len(set(crop.size)) != 1:
+        return None
+    try:
+        pil_resize.pillow_orders_passes()
+    except RuntimeError:
+        return None
+    return size, crop.size[0]
 
 
 def _split_preprocess(preprocess):

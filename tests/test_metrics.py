@@ -54,6 +54,19 @@ def test_cider_without_java_warns_once_and_agrees(val, monkeypatch):
         assert no_java == with_java
 
 
+def test_cider_in_forked_slices_is_pycocoevalcaps_to_the_bit(val, monkeypatch):
+    """workers > 1: the slices are tokenised and scored in forked processes, with the whole set's document
+    frequencies; corpus and per-image scores equal pycocoevalcap's whole-set run exactly (uneven slices too)."""
+    refs = {r.file_id: list(r.references) for r in val}
+    pred = {k: v[0] if i % 3 else v[1] + " and more" for i, (k, v) in enumerate(refs.items())}
+    monkeypatch.setattr(cider_module.shutil, "which", lambda name: None)  # the Python port, in the workers
+    monkeypatch.setattr(cider_module, "_warned_no_java", True)
+    serial = cider(pred, refs)
+    for workers in (2, 7):
+        assert cider(pred, refs, workers=workers) == serial
+    assert cider_module._shared == {}
+
+
 def test_cider_key_checks(val):
     refs = {r.file_id: list(r.references) for r in val[:3]}
     pred = {k: "x" for k in list(refs)[:2]} | {"000000000000": "y"}
@@ -89,6 +102,10 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
     serial = clip_scorer.score_pairs(val, captions)
     monkeypatch.setattr(clip_scorer, "num_workers", 3)
     assert metrics._split_preprocess(clip_scorer.preprocess) is not None  # uint8 pixels, normalised on the device
+    assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
+    # the GPU's path on the CPU: threads only decode, hw3lib.pil_resize resizes and crops (Pillow's integers)
+    assert metrics._device_resize(metrics._split_preprocess(clip_scorer.preprocess)[0]) is not None
+    monkeypatch.setattr(clip_scorer, "resize_on_device", True)
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     broken = list(val[:20])
     bad = tmp_path / broken[9].image_path.name

@@ -1,0 +1,55 @@
+"""hw3lib.pil_resize against Pillow itself: CLIP's Resize(224, bicubic) + CenterCrop(224), bit for bit."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from hw3lib.pil_resize import coefficients, group_resize_center_crop, resize_center_crop
+
+SHAPES = [(480, 640), (427, 640), (640, 480), (375, 500), (224, 224), (224, 300), (300, 224), (100, 80),
+          (37, 500), (1200, 229), (225, 226), (333, 333), (2000, 3000)]
+
+
+def _image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (max(h // 40, 2), max(w // 40, 2), 3), dtype=np.uint8))
+                        .resize((w, h), Image.BICUBIC), dtype=np.int16)
+    noisy = smooth + rng.integers(-60, 61, (h, w, 3))  # sharp edges and saturated pixels exercise the clipping
+    noisy[rng.random((h, w)) < 0.01] = 255
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_resize_center_crop_is_pillows_bit_for_bit(h, w):
+    pil = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    image = _image(h, w, seed=h * 7 + w)
+    want = np.asarray(pil(Image.fromarray(image)))
+    got = resize_center_crop(torch.from_numpy(image)[None], 224, 224)[0].numpy()
+    assert got.shape == want.shape == (224, 224, 3)
+    assert np.array_equal(got, want), f"{h}x{w}: {np.count_nonzero(got != want)} values differ"
+
+
+def test_a_group_of_mixed_shapes_keeps_the_order_and_splits_by_budget():
+    images = [_image(h, w, seed=i) for i, (h, w) in enumerate([(480, 640), (427, 640), (480, 640), (300, 224)] * 2)]
+    pil = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    want = np.stack([np.asarray(pil(Image.fromarray(im))) for im in images])
+    got = group_resize_center_crop([torch.from_numpy(im) for im in images], 224, 224, torch.device("cpu"),
+                                   budget_bytes=8 * 480 * 640 * 3)
+    assert np.array_equal(got.numpy(), want)
+
+
+def test_coefficients_sum_to_one_in_fixed_point():
+    for n_in, n_out in [(640, 298), (480, 224), (80, 224)]:
+        sums = coefficients(n_in, n_out).sum(1)
+        assert np.all(np.abs(sums - (1 << 22)) <= 8), (n_in, n_out, sums.min(), sums.max())
+
+
+def test_random_shapes_including_both_pass_orders():
+    """Recent Pillow runs its vertical pass first when the height shrinks by more than twice the width's pixels."""
+    rng = np.random.default_rng(3)
+    pil = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+    for h, w in rng.integers(150, 1400, (12, 2)):
+        image = _image(int(h), int(w), seed=int(h + w))
+        got = resize_center_crop(torch.from_numpy(image)[None], 224, 224)[0].numpy()
+        assert np.array_equal(got, np.asarray(pil(Image.fromarray(image)))), (h, w)
