@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hw3lib.data import list_images, load_image  # noqa: E402
-from hw3lib.llava import DEFAULT_INSTRUCTION, LlavaGeneration, build_prompt, caption_records  # noqa: E402
+from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, build_prompt, caption_records,  # noqa: E402
+                          use_fast_kernels)
 from hw3lib.rehearsal.weights import random_llava  # noqa: E402
 
 PEAKS = {  # dense bf16 TFLOP/s, HBM TB/s (SXM parts)
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--processor", default=str(ROOT / "data/demo/models/llava"))
     ap.add_argument("--image-dir", default="", help="write the JPEGs here (default: a temporary folder)")
+    ap.add_argument("--liger", action="store_true", help="Liger's kernels in the language model (use_fast_kernels)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     instruction = DEFAULT_INSTRUCTION
@@ -134,6 +136,8 @@ def main() -> None:
 
     t0 = time.time()
     model, processor = random_llava(args.processor, device="cuda")
+    if args.liger and not use_fast_kernels(model):
+        raise SystemExit("--liger: liger-kernel is not installed")
     params = sum(p.numel() for p in model.parameters())
     print(f"llava-1.5-7b architecture, random bf16 weights: {params / 1e9:.2f} B parameters "
           f"({time.time() - t0:.1f}s to build)", flush=True)
@@ -143,7 +147,7 @@ def main() -> None:
     prompt_tokens = enc["input_ids"].shape[1]
     print(f"prompt: {prompt_tokens} tokens (576 image tokens)", flush=True)
 
-    results: dict = {"device": name, "torch": torch.__version__, "images": len(records),
+    results: dict = {"device": name, "torch": torch.__version__, "images": len(records), "liger": args.liger,
                      "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "runs": []}
     caption_records(model, processor, records[:8], instruction, gen, batch_size=8, progress=False)  # warm-up
     naive = naive_loop(model, processor, [r.image_path for r in records[: args.naive_images]], gen, instruction) \

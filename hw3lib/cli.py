@@ -163,7 +163,7 @@ def _cmd_caption(args) -> int:
 def _cmd_llava_caption(args) -> int:
     from .data import check_output_file, list_images
     from .distributed import setup
-    from .llava import LlavaGeneration, caption_folder, load_llava
+    from .llava import LlavaGeneration, caption_folder, load_llava, use_fast_kernels
 
     gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
                           temperature=args.temperature or 1.0, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -185,6 +185,9 @@ def _cmd_llava_caption(args) -> int:
         model, processor = random_llava(args.processor or args.model, device=str(device or "cuda"))
     else:
         model, processor = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    if args.liger and not use_fast_kernels(model):
+        print("--liger: liger-kernel is not installed (pip install liger-kernel) or the model is not on a GPU; "
+              "captioning with PyTorch's kernels", file=sys.stderr)
     run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          first_sentence=args.first_sentence, model_name=str(args.model))
@@ -386,6 +389,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
         v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
         v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+        v.add_argument("--liger", action="store_true",
+                       help="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
+                            "GPU): a shorter prefill (docs/benchmarks.md)")
         v.add_argument("--deterministic", action="store_true",
                        help="deterministic GPU kernels: the same captions on every run and on any number of GPUs "
                             "(bf16 near-ties flip otherwise; about 2 %% slower, docs/benchmarks.md)")

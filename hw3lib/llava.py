@@ -183,6 +183,28 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     return net, processor
 
 
+def use_fast_kernels(model) -> bool:
+    """Swap the language model's RMSNorm, rotary embedding and SwiGLU MLP for Liger's fused Triton kernels
+    (``pip install liger-kernel``; CUDA only). The prefill, most of captioning's time, is then shorter (measured in
+    docs/benchmarks.md). Returns False, changing nothing, without a GPU model or the package.
+
+    Liger replaces Llama's classes and rotary function in ``transformers.models.llama`` for the whole process, and
+    its kernels round differently from PyTorch's in bf16, so a caption may differ in a late token. Greedy captions
+    are not compiled here (``LlavaGeneration.cache`` "static" keeps transformers' automatic compile off, which does
+    not trace these kernels)."""
+    if _device_of(model).type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        return False
+    if model.config.text_config.model_type != "llama":
+        return False
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model.model.language_model)
+    return True
+
+
 def build_prompt(processor, instruction: str) -> str:
     """The llava-1.5 conversation for one image and one instruction, through the processor's chat template
     (``USER: <image>\\n{instruction} ASSISTANT:``)."""
@@ -196,14 +218,15 @@ def build_prompt(processor, instruction: str) -> str:
 class _Collate:
     """Runs in the DataLoader workers: image preprocessing + tokenisation of one batch."""
 
-    def __init__(self, processor, prompt: str):
-        self.processor, self.prompt = processor, prompt
+    def __init__(self, processor, prompt: str, dtype: torch.dtype = torch.float32):
+        self.processor, self.prompt, self.dtype = processor, prompt, dtype
 
     def __call__(self, batch):
         images, index = zip(*batch)
-        enc = self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
-                             return_tensors="pt")
-        return dict(enc), list(index)
+        enc = dict(self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
+                                  return_tensors="pt"))
+        enc["pixel_values"] = enc["pixel_values"].to(self.dtype)  # the model's: half the bytes to pass on in bf16
+        return enc, list(index)
 
 
 def _device_of(model) -> torch.device:
@@ -258,17 +281,12 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
     prompt = build_prompt(processor, instruction)
-    loader = torch.utils.data.DataLoader(ImageDataset(records), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_Collate(processor, prompt),
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
     tok = processor.tokenizer
     if generation.do_sample:
         torch.manual_seed(generation.seed)
     out: dict[str, str] = {}
     with tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress) as bar:
-        for enc, index in loader:
-            enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
-            enc["pixel_values"] = enc["pixel_values"].to(dtype)
+        for enc, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
             ids = generate(model, enc, generation, tok.pad_token_id)
             texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
@@ -277,6 +295,34 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
                 on_batch(batch)
             bar.update(len(index))
     return out
+
+
+def _batches(records, processor, prompt, dtype, device, batch_size: int, num_workers: int):
+    """Preprocessed batches of ``batch_size`` images on ``device``, with their record indices.
+
+    With workers, each prepares a slice of a batch (``batch_size / num_workers`` images), so the first batch is
+    ready when its slices are, about ``num_workers`` times sooner than if one worker prepared it whole, and the
+    GPU does not wait at the start. Every prompt is the same text, so the slices' token ids have one length and
+    are joined as they are."""
+    chunk = -(-batch_size // num_workers) if num_workers > 0 else batch_size
+    loader = torch.utils.data.DataLoader(ImageDataset(records), batch_size=chunk, num_workers=num_workers,
+                                         collate_fn=_Collate(processor, prompt, dtype),
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    parts, index = [], []
+
+    def joined():
+        enc = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+        return enc, list(index)
+
+    for enc, idx in loader:
+        parts.append({k: v.to(device, non_blocking=True) for k, v in enc.items()})
+        index.extend(idx)
+        if len(index) >= batch_size:
+            yield joined()
+            parts, index = [], []
+    if parts:
+        yield joined()
 
 
 @dataclass

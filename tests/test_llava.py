@@ -8,7 +8,7 @@ from PIL import Image
 
 from hw3lib.data import DataError, list_images, load_image
 from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, attention_maps, build_prompt, caption_folder, caption_records,
-                          image_token_span, load_llava, postprocess)
+                          image_token_span, load_llava, postprocess, use_fast_kernels)
 
 
 def test_prompt_is_the_llava_conversation(llava):
@@ -55,12 +55,19 @@ def test_image_span_equals_what_the_processor_produced(llava, p1_records):
 
 def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
     model, processor = llava
+    assert use_fast_kernels(model) is False  # Liger's kernels: GPU only; the model is left as it is
     recs = p1_records[:8]
     gen = LlavaGeneration(max_new_tokens=20)
     batched = caption_records(model, processor, recs, generation=gen, batch_size=4, progress=False)
     single = caption_records(model, processor, recs, generation=gen, batch_size=1, progress=False)
     assert batched == single
     assert all(len(c.split()) >= 2 for c in batched.values())
+    # with workers, each prepares a slice (batch 5 / 2 workers: slices of 3, joined to 6, 2 left over)
+    seen = []
+    sliced = caption_records(model, processor, recs, generation=gen, batch_size=5, num_workers=2, progress=False,
+                             on_batch=lambda b: seen.append(list(b)))
+    assert sliced == single and list(sliced) == [r.file_id for r in recs]
+    assert [len(b) for b in seen] == [6, 2]
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5),
