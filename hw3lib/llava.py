@@ -184,25 +184,47 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
 
 
 def use_fast_kernels(model) -> bool:
-    """Swap the language model's RMSNorm, rotary embedding and SwiGLU MLP for Liger's fused Triton kernels
-    (``pip install liger-kernel``; CUDA only). The prefill, most of captioning's time, is then shorter (measured in
-    docs/benchmarks.md). Returns False, changing nothing, without a GPU model or the package.
+    """Liger's fused Triton kernels for the language model's RMSNorm, rotary embedding and SwiGLU MLP in the
+    prefill (``pip install liger-kernel``; CUDA only). The prefill, most of captioning's time, is then a fifth
+    shorter (docs/benchmarks.md). The one-token decoding steps keep PyTorch's kernels: they are bound by kernel
+    launches, and Triton's launches cost more (with Liger there too, decoding was 20-70 % slower on an H100).
+    Returns False, changing nothing, without a GPU model, a Llama language model or the package.
 
-    Liger replaces Llama's classes and rotary function in ``transformers.models.llama`` for the whole process, and
-    its kernels round differently from PyTorch's in bf16, so a caption may differ in a late token. Greedy captions
-    are not compiled here (``LlavaGeneration.cache`` "static" keeps transformers' automatic compile off, which does
-    not trace these kernels)."""
-    if _device_of(model).type != "cuda":
+    Liger's rotary function replaces Llama's in ``transformers.models.llama`` for the whole process (prompts go to
+    it, single tokens to the original), and its kernels round differently from PyTorch's in bf16, so a caption may
+    differ in a late token."""
+    if _device_of(model).type != "cuda" or model.config.text_config.model_type != "llama":
         return False
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
     except ImportError:
         return False
-    if model.config.text_config.model_type != "llama":
-        return False
+    from transformers.models.llama import modeling_llama
+
+    language_model = model.model.language_model
+    original_rope = _original_rope.setdefault("llama", modeling_llama.apply_rotary_pos_emb)
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model.model.language_model)
+                                fused_linear_cross_entropy=False, model=language_model)
+    liger_rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope(q, k, cos, sin, *args, **kwargs):  # q: (batch, heads, tokens, head dim)
+        return (liger_rope if q.shape[2] > 1 else original_rope)(q, k, cos, sin, *args, **kwargs)
+
+    modeling_llama.apply_rotary_pos_emb = rope
+    for layer in language_model.layers:
+        for module in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            _prompt_only(module)
+    _prompt_only(language_model.norm)
     return True
+
+
+_original_rope: dict = {}
+
+
+def _prompt_only(module) -> None:
+    """``module`` runs Liger's forward (bound to it by Liger) on prompts and its class's own on single tokens."""
+    fast, own = module.forward, type(module).forward.__get__(module)
+    module.forward = lambda x, *a, **kw: (fast if x.shape[-2] > 1 else own)(x, *a, **kw)
 
 
 def build_prompt(processor, instruction: str) -> str:

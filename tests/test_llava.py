@@ -256,3 +256,18 @@ def test_standin_vision_tower_is_the_demo_vit(models_dir, p1_records):
     torch.testing.assert_close(px, torch.stack([transform(i) for i in images]), atol=2e-2, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(hf(px).last_hidden_state, ref.forward_features(px), atol=1e-4, rtol=1e-4)
+
+
+def test_fast_kernels_serve_prompts_and_leave_single_tokens_to_pytorch():
+    """hw3lib.llava._prompt_only: the forward Liger binds to a module runs on prompts (several tokens); one-token
+    decoding steps get the module's own forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from hw3lib.llava import _prompt_only
+
+    norm = LlamaRMSNorm(8)
+    norm.forward = lambda x: torch.full_like(x, 7.0)  # stands for Liger's kernel
+    _prompt_only(norm)
+    prompt, token = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+    assert torch.equal(norm(prompt), torch.full_like(prompt, 7.0))
+    assert torch.allclose(norm(token), token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6))
