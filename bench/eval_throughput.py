@@ -46,6 +46,9 @@ def main() -> None:
                     help="device: threads only decode, the resize and crop run on the GPU with Pillow's integers "
                          "(the workbook's on a GPU); host: Pillow resizes in the threads (the path before)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of evaluate (the median is reported)")
+    ap.add_argument("--decoder", choices=["auto", "pillow"], default="auto",
+                    help="auto: JPEGs through torchvision where it gives Pillow's pixels (the workbook's); pillow: "
+                         "every image through Pillow")
     ap.add_argument("--pin", action="store_true", help="the threads copy decoded images to page-locked memory")
     ap.add_argument("--skip-precision", action="store_true", help="skip the fp16 / fp32 comparison")
     ap.add_argument("--json", default="")
@@ -71,6 +74,10 @@ def main() -> None:
                                    batch_size=args.batch_size, num_workers=args.workers, precision=args.precision))
     scorer.resize_on_device = args.resize == "device" and args.device == "cuda"
     scorer.pin_decoded = args.pin
+    if args.decoder == "pillow":
+        from hw3lib import pil_resize
+
+        pil_resize.jpeg_decoders_agree = lambda: False
     if args.decode == "processes":
         scorer.image_batches = lambda records: _loader_batches(scorer, records)
     print(f"CLIP in {scorer.dtype}, {scorer.num_workers} decoding {args.decode}, resize on the "
@@ -119,7 +126,7 @@ def main() -> None:
            "clipscore_seconds": t_clip,
            "image_batches_seconds": t_images, "embed_texts_seconds": t_texts, "cider": result["cider"], "clipscore": result["clipscore"],
            "clip_dtype": str(timed_dtype), "clip_workers": scorer.num_workers, "decode": args.decode,
-           "resize_on_device": scorer.resize_on_device, "pin_decoded": scorer.pin_decoded,
+           "resize_on_device": scorer.resize_on_device, "pin_decoded": scorer.pin_decoded, "decoder": args.decoder,
            "fp16_vs_fp32": precision}
     print(f"evaluate: {args.captions} captions in {seconds:.2f}s, the median of {len(runs)} runs "
           f"({args.captions / seconds:.1f} captions/s), "

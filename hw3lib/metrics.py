@@ -104,7 +104,7 @@ class ClipScorer:
 
             def load(i):
                 if on_device:  # decoded here, resized and cropped on the GPU (bit-equal to Pillow's)
-                    pixels = torch.from_numpy(np.array(load_image(records[i].image_path)))  # writable
+                    pixels = pil_resize.decode_rgb(records[i].image_path)
                     return pixels.pin_memory() if self.pin_decoded and self.device.type == "cuda" else pixels
                 return torch.from_numpy(np.array(on_host(load_image(records[i].image_path))))
 

@@ -140,3 +140,51 @@ def group_resize_center_crop(images: list[torch.Tensor], size: int, crop: int, d
             x = torch.stack([images[i].to(device, non_blocking=True) for i in part])
             out[torch.tensor(part, device=device)] = resize_center_crop(x, size, crop)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def decode_rgb(path) -> torch.Tensor:
+    """An image file as uint8 ``(H, W, 3)`` RGB, the pixels :func:`hw3lib.data.load_image` gives.
+
+    A colour or grey JPEG is decoded by torchvision's libjpeg-turbo straight into a tensor, one call without the
+    GIL (Pillow decodes, then copies to an array through ``tobytes``); it gives Pillow's pixels where
+    :func:`jpeg_decoders_agree` says so. Anything else (other formats, CMYK, a file torchvision cannot read)
+    goes through ``load_image``, which names a missing or corrupt file in a ``DataError``."""
+    from .data import load_image
+
+    if str(path).lower().endswith((".jpg", ".jpeg")) and jpeg_decoders_agree():
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        try:
+            x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        except RuntimeError:
+            x = None
+        if x is not None and x.shape[0] in (1, 3):
+            return x.expand(3, -1, -1).permute(1, 2, 0).contiguous()
+    return torch.from_numpy(np.array(load_image(path)))
+
+
+@lru_cache(maxsize=1)
+def jpeg_decoders_agree() -> bool:
+    """Do torchvision and Pillow decode JPEGs to the same pixels here (colour with 4:2:0 and 4:4:4 chroma, grey,
+    progressive)? Both use libjpeg-turbo's exact integer IDCT, but they are separate builds."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    for image, kw in ((colour, dict(quality=90)), (colour, dict(quality=75, subsampling=0)),
+                      (colour, dict(quality=80, progressive=True)), (colour.convert("L"), dict(quality=90))):
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", **kw)
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        try:
+            ours = decode_jpeg(data, mode=ImageReadMode.UNCHANGED).expand(3, -1, -1).permute(1, 2, 0).numpy()
+        except RuntimeError:
+            return False
+        buf.seek(0)
+        if not np.array_equal(ours, np.asarray(Image.open(buf).convert("RGB"))):
+            return False
+    return True

@@ -53,3 +53,28 @@ def test_random_shapes_including_both_pass_orders():
         image = _image(int(h), int(w), seed=int(h + w))
         got = resize_center_crop(torch.from_numpy(image)[None], 224, 224)[0].numpy()
         assert np.array_equal(got, np.asarray(pil(Image.fromarray(image)))), (h, w)
+
+
+def test_decode_rgb_gives_load_images_pixels_and_its_errors(tmp_path):
+    """JPEGs through torchvision (colour 4:2:0 / 4:4:4, progressive, grey), the rest through Pillow (CMYK, PNG, a
+    PNG named .jpg); a truncated JPEG is load_image's DataError naming the file."""
+    from hw3lib.data import DataError, load_image
+    from hw3lib.pil_resize import decode_rgb, jpeg_decoders_agree
+
+    assert jpeg_decoders_agree()
+    colour = Image.fromarray(_image(123, 211, seed=5))
+    files = {"a.jpg": (colour, dict(quality=90)), "b.jpeg": (colour, dict(quality=70, subsampling=0)),
+             "c.JPG": (colour, dict(quality=85, progressive=True)), "d.jpg": (colour.convert("L"), {}),
+             "e.jpg": (colour.convert("CMYK"), {}), "f.png": (colour, {})}
+    for name, (image, kw) in files.items():
+        image.save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG", **kw)
+    (tmp_path / "g.jpg").write_bytes((tmp_path / "f.png").read_bytes())  # a PNG under a JPEG name
+    for name in [*files, "g.jpg"]:
+        got = decode_rgb(tmp_path / name)
+        assert got.dtype == torch.uint8 and got.is_contiguous()
+        assert np.array_equal(got.numpy(), np.asarray(load_image(tmp_path / name))), name
+    (tmp_path / "h.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:-300])
+    with pytest.raises(DataError, match="h.jpg: corrupt or truncated"):
+        decode_rgb(tmp_path / "h.jpg")
+    with pytest.raises(DataError, match="i.jpg: image file not found"):
+        decode_rgb(tmp_path / "i.jpg")
