@@ -361,7 +361,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     v = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
     if want("llava-caption"):
-        from .llava import DEFAULT_INSTRUCTION, REAL_MODEL_ID, LlavaGeneration
+        from .llava import CACHES, DEFAULT_INSTRUCTION, REAL_MODEL_ID, LlavaGeneration
 
         lg = LlavaGeneration()
         v.add_argument("images", help="folder of images")
@@ -381,8 +381,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         v.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True),
                        default=lg.repetition_penalty)
         v.add_argument("--seed", type=int, default=lg.seed)
-        v.add_argument("--cache", choices=["dynamic", "static", "static+compile"], default=lg.cache,
-                       help="KV cache: static preallocates it (faster decoding on a GPU)")
+        v.add_argument("--cache", choices=CACHES, default=lg.cache,
+                       help="KV cache: static preallocates it (faster decoding on a GPU); static+graphs also replays "
+                            "greedy decoding's steps from a CUDA graph")
         v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
         v.add_argument("--batch-size", type=POSITIVE, default=16)
         v.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")

@@ -28,6 +28,9 @@ DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 
 
 # --------------------------------------------------------------------------------------------------- settings
+CACHES = ("dynamic", "static", "static+compile", "static+graphs")
+
+
 @dataclass(frozen=True)
 class LlavaGeneration:
     """A generation config for ``model.generate``: greedy (default), beam search, or seeded sampling."""
@@ -42,7 +45,9 @@ class LlavaGeneration:
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0  # sampling only
-    cache: str = "dynamic"  # KV cache: "dynamic" (grows by concatenation), "static" (preallocated), "static+compile"
+    # KV cache: "dynamic" (grows by concatenation), "static" (preallocated), "static+compile" (transformers compiles
+    # the decoding step), "static+graphs" (greedy: the one-token steps replayed from a CUDA graph, hw3lib.fast_greedy)
+    cache: str = "dynamic"
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaGeneration":
@@ -62,10 +67,10 @@ class LlavaGeneration:
             kw.update(temperature=None, top_p=None, top_k=None)
         if self.num_beams > 1:
             kw["early_stopping"] = True
-        if self.cache not in ("dynamic", "static", "static+compile"):
-            raise ValueError(f"cache must be 'dynamic', 'static' or 'static+compile', got {self.cache!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {self.cache!r}")
         if self.cache != "dynamic":  # a preallocated cache: no copy of the whole cache per step; compile is opt-in
-            kw.update(cache_implementation="static", disable_compile=self.cache == "static")
+            kw.update(cache_implementation="static", disable_compile=self.cache != "static+compile")
         return kw
 
     @property
@@ -266,6 +271,11 @@ def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
     once per image (``hw3lib.beam_kv``): a step copies and reorders only the generated positions. Without it, the
     cache is repeated for the beams, and every step grows and reorders the whole of it."""
     kw = generation.generate_kwargs()
+    if generation.cache == "static+graphs":
+        from hw3lib import fast_greedy
+
+        if fast_greedy.supported(model, generation):
+            return fast_greedy.greedy(model, enc, generation, pad_token_id)
     if generation.num_beams == 1 or generation.do_sample:
         return model.generate(**enc, **kw, pad_token_id=pad_token_id)
     import inspect

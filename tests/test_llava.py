@@ -84,9 +84,9 @@ def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(
 
     model, processor = llava
     settings = dict(settings)
+    padded = settings.pop("padded", False)
     instructions = [DEFAULT_INSTRUCTION, "Shapes?", "Name every shape and colour in this picture, one by one."]
-    texts = [build_prompt(processor, instructions[i % 3] if settings.pop("padded", False) else DEFAULT_INSTRUCTION)
-             for i in range(6)]
+    texts = [build_prompt(processor, instructions[i % 3] if padded else DEFAULT_INSTRUCTION) for i in range(6)]
     gen = LlavaGeneration(max_new_tokens=12, **settings)
     images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:6]]
     enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
@@ -95,6 +95,33 @@ def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(
         ours = generate(model, enc, gen, processor.tokenizer.pad_token_id, prompt_once=prompt_once)
     assert ours.shape == ref.shape and torch.equal(ours, ref)
     assert model.config.text_config._attn_implementation == "sdpa"  # the prompt-once attention was only lent
+
+
+@pytest.mark.parametrize("settings", [dict(max_new_tokens=12), dict(max_new_tokens=40),
+                                      dict(max_new_tokens=20, min_new_tokens=16), dict(max_new_tokens=30, padded=True)])
+def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records, settings):
+    """cache="static+graphs" (hw3lib.fast_greedy): on the CPU its steps run without a graph, token for token what
+    model.generate gives: short and long limits (rows ending early: padding after the end, the output cut where the
+    last row ended), end-of-sequence blocked by min_new_tokens, left-padded prompts."""
+    from hw3lib import fast_greedy
+    from hw3lib.llava import generate
+
+    model, processor = llava
+    settings = dict(settings)
+    padded = settings.pop("padded", False)
+    instructions = [DEFAULT_INSTRUCTION, "Shapes?", "Name every shape and colour in this picture, one by one."]
+    texts = [build_prompt(processor, instructions[i % 3] if padded else DEFAULT_INSTRUCTION) for i in range(6)]
+    gen = LlavaGeneration(cache="static+graphs", **settings)
+    assert fast_greedy.supported(model, gen) and not fast_greedy.supported(model, LlavaGeneration(num_beams=2))
+    images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:6]]
+    enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    pad = processor.tokenizer.pad_token_id
+    with torch.inference_mode():
+        ref = model.generate(**enc, **LlavaGeneration(**settings).generate_kwargs(), pad_token_id=pad)
+        ours = generate(model, enc, gen, pad)
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
+    if settings.get("max_new_tokens") == 40:  # the captions end before the limit: generate stopped early
+        assert ref.shape[1] < enc["input_ids"].shape[1] + 40
 
 
 def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
