@@ -13,8 +13,30 @@ blocked until ``min_new_tokens``, padding after a row's end, and the output cut 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
+
+
+_warned = False
+
+
+def _capture(step):
+    """``step`` recorded in a CUDA graph (not run), or None with one warning if something in it cannot be
+    captured (a synchronising operation in another transformers version, say): the steps then run one by one."""
+    global _warned
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        if not _warned:
+            warnings.warn(f"greedy decoding could not be captured in a CUDA graph ({str(e).splitlines()[0][:200]}); "
+                          f"its steps run one by one", stacklevel=3)
+            _warned = True
+        return None
+    return graph
 
 
 def supported(model, generation) -> bool:
@@ -88,10 +110,8 @@ def greedy(model, enc: dict, generation, pad_token_id: int, graphs: bool | None 
         if t % 4 == 0 and bool(state["finished"].all()):  # every row has ended (a sync, so not every step)
             break
         if graphs and graph is None and t >= 2:  # step 1 ran eagerly: the warm-up a capture needs
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                step()  # recorded, not run
+            graph = _capture(step)
+            graphs = graph is not None
         if graph is not None:
             graph.replay()
         else:
