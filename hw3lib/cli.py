@@ -186,8 +186,8 @@ def _cmd_llava_caption(args) -> int:
     else:
         model, processor = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
     if args.liger and not use_fast_kernels(model):
-        print("--liger: liger-kernel is not installed (pip install liger-kernel) or the model is not on a GPU; "
-              "captioning with PyTorch's kernels", file=sys.stderr)
+        print("--liger: liger-kernel is not installed (pip install liger-kernel), the model is not on a GPU or "
+              "is 4-bit; captioning with PyTorch's kernels", file=sys.stderr)
     run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
                          batch_size=args.batch_size, num_workers=args.num_workers,
                          first_sentence=args.first_sentence, model_name=str(args.model))

@@ -49,6 +49,10 @@ class LlavaGeneration:
     # the decoding step), "static+graphs" (greedy: the one-token steps replayed from a CUDA graph, hw3lib.fast_greedy)
     cache: str = "dynamic"
 
+    def __post_init__(self):
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {self.cache!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaGeneration":
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -67,8 +71,6 @@ class LlavaGeneration:
             kw.update(temperature=None, top_p=None, top_k=None)
         if self.num_beams > 1:
             kw["early_stopping"] = True
-        if self.cache not in CACHES:
-            raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {self.cache!r}")
         if self.cache != "dynamic":  # a preallocated cache: no copy of the whole cache per step; compile is opt-in
             kw.update(cache_implementation="static", disable_compile=self.cache != "static+compile")
         return kw
@@ -154,13 +156,14 @@ def _from_pretrained(cls, name: str, cache_only: bool, **kw):
 
 
 def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dtype: torch.dtype | None = None,
-               load_in_4bit: bool = False, attn_implementation: str = "sdpa"):
+               load_in_4bit: bool = False, attn_implementation: str = "sdpa", fast_kernels: bool = False):
     """``(model, processor)`` ready for :func:`caption_records`.
 
     Args:
         model: a local folder or a hub id (the cache is tried first, so a downloaded model works offline).
         device: ``cuda`` when available, else ``cpu``. dtype: bf16 on CUDA, fp32 on the CPU.
         load_in_4bit: quantise the language model with bitsandbytes (GPU only).
+        fast_kernels: Liger's fused kernels in the prefill (:func:`use_fast_kernels`), where installed, on a GPU.
 
     Random weights at the real architecture (benchmarks, dry runs) are :func:`hw3lib.rehearsal.weights.random_llava`.
     """
@@ -185,6 +188,9 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     if not load_in_4bit:
         net.to(device)
     net.eval()
+    if fast_kernels and not load_in_4bit and not use_fast_kernels(net):
+        warnings.warn("fast_kernels: liger-kernel is not installed (pip install liger-kernel) or the model is not "
+                      "on a GPU; PyTorch's kernels are used", stacklevel=2)
     return net, processor
 
 
@@ -563,7 +569,7 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
           generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
           scorer=None, extra_scores: dict | None = None, batch_size: int = 16, num_workers: int = 0,
           first_sentence: bool = False, model_name: str = "", progress: bool = True, gpus: int = 1,
-          load_in_4bit: bool = False) -> list[dict]:
+          load_in_4bit: bool = False, fast_kernels: bool = False) -> list[dict]:
     """Caption ``records`` once per (instruction, generation) pair and score each setting.
 
     Each setting leaves ``out_dir/<instruction>__<generation>.json`` (the course's predictions format) and a row
@@ -574,7 +580,8 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
 
     ``gpus > 1``: the captioning of every setting still to do runs first, in one ``torchrun`` over that many GPUs
     (:mod:`hw3lib.sweep_worker`: each process loads ``model_name`` on its GPU and takes every N-th batch), then
-    this process scores. ``model`` may then be None; ``load_in_4bit`` is passed to the workers.
+    this process scores. ``model`` may then be None; ``load_in_4bit`` and ``fast_kernels`` are passed to the
+    workers.
     """
     from .metrics import cider, clip_score
 
@@ -601,7 +608,7 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
         todo = [p for p in plan if reusable(*p[4:]) is None]
         if todo:
             launched = _sweep_on_gpus(todo, records, out_dir, model_name, gpus, batch_size, num_workers,
-                                      first_sentence, load_in_4bit)
+                                      first_sentence, load_in_4bit, fast_kernels)
     rows = []
     for iname, instruction, gname, gen, pred_path, row_path, settings in plan:
         row = reusable(pred_path, row_path, settings)
@@ -632,14 +639,15 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
 
 
 def _sweep_on_gpus(todo: list, records: list[Record], out_dir: Path, model_name: str, gpus: int, batch_size: int,
-                   num_workers: int, first_sentence: bool, load_in_4bit: bool) -> dict[str, CaptionRun]:
+                   num_workers: int, first_sentence: bool, load_in_4bit: bool,
+                   fast_kernels: bool = False) -> dict[str, CaptionRun]:
     """Run the captioning of ``todo`` (sweep plan entries) under torchrun over ``gpus`` processes."""
     import subprocess
     import sys
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path, results_path = out_dir / "sweep_spec.json", out_dir / "sweep_results.json"
-    spec = {"model": model_name, "load_in_4bit": load_in_4bit, "images": [str(r.image_path) for r in records],
+    spec = {"model": model_name, "load_in_4bit": load_in_4bit, "fast_kernels": fast_kernels, "images": [str(r.image_path) for r in records],
             "batch_size": batch_size, "num_workers": num_workers, "first_sentence": first_sentence,
             "results": str(results_path),
             "settings": [{"instruction": t[1], "generation": asdict(t[3]), "predictions": str(t[4])} for t in todo]}

@@ -3,7 +3,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m hw3lib.sweep_worker SPEC.json
 
-``SPEC.json``: ``model``, ``load_in_4bit``, ``images`` (paths, in order), ``batch_size``, ``num_workers``,
+``SPEC.json``: ``model``, ``load_in_4bit``, ``fast_kernels``, ``images`` (paths, in order), ``batch_size``, ``num_workers``,
 ``first_sentence``, ``settings`` (a list of ``{"instruction", "generation", "predictions"}``) and ``results`` (where
 the main process writes each setting's seconds and counts). Each process loads the model once on its own GPU;
 every setting is one :func:`~hw3lib.llava.caption_folder` call, sharded by batches, resumable.
@@ -23,7 +23,8 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     d = setup()
     records = [Record(Path(p), Path(p).stem, ()) for p in spec["images"]]
-    model, processor = load_llava(spec["model"], device=d.device(None), load_in_4bit=spec["load_in_4bit"])
+    model, processor = load_llava(spec["model"], device=d.device(None), load_in_4bit=spec["load_in_4bit"],
+                                  fast_kernels=spec.get("fast_kernels", False))
     results = []
     for s in spec["settings"]:
         run = caption_folder(model, processor, records, s["predictions"], s["instruction"],

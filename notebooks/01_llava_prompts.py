@@ -37,6 +37,8 @@ llava_num_images: int = 0  # caption only the first N p1 images (0: all)
 llava_batch_size: int = 16  # images per generate() call
 llava_num_workers: int = 2  # DataLoader workers decoding images
 llava_load_in_4bit: bool = False  # 4-bit language model (needs bitsandbytes and a GPU)
+llava_fast_kernels: bool = False  # Liger's fused kernels in the prefill (pip install liger-kernel; GPU)
+llava_cache: str = ""  # KV cache of the generations that name none ("": LlavaGeneration's default, dynamic)
 llava_gpus: int = 1  # >1: the sweep captions under torchrun, one process per GPU (this many)
 clip_model: str = "data/demo/models/clip"  # open_clip name (ViT-B-32-quickgelu) or a local folder
 clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
@@ -65,7 +67,8 @@ from hw3lib.report import save_metrics
 P = read(globals())
 root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
-generations = {name: LlavaGeneration.from_dict(g) for name, g in P.llava_generations.items()}
+generations = {name: LlavaGeneration.from_dict({"cache": P.llava_cache, **g} if P.llava_cache else g)
+               for name, g in P.llava_generations.items()}
 records = hw3_split(root, "p1_data")
 records = records[: P.llava_num_images] if P.llava_num_images else records
 references = {r.file_id: list(r.references) for r in records}
@@ -76,7 +79,7 @@ print(f"{len(records)} p1 val images, {len(P.llava_instructions)} instructions x
 # ## The model
 
 # %%
-model, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
+model, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit, fast_kernels=P.llava_fast_kernels)
 cfg = model.config
 parts = {"vision tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
          "language model": model.model.language_model, "lm head": model.lm_head}
@@ -122,7 +125,7 @@ if P.llava_gpus > 1:  # a process per GPU loads the model: this process's copy w
 rows = sweep(model, processor, records, P.llava_instructions, generations, out / "p1", references, scorer=scorer,
              extra_scores=extra, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
              first_sentence=P.llava_first_sentence, model_name=P.llava_model, gpus=P.llava_gpus,
-             load_in_4bit=P.llava_load_in_4bit)
+             load_in_4bit=P.llava_load_in_4bit, fast_kernels=P.llava_fast_kernels)
 columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length", *extra, "seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
 
