@@ -206,6 +206,10 @@ def use_fast_kernels(model) -> bool:
     differ in a late token."""
     if _device_of(model).type != "cuda" or model.config.text_config.model_type != "llama":
         return False
+    import logging
+
+    # Liger lists the optional backends it cannot load (CuTe DSL, Ascend) as warnings on import; none is used here
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
     except ImportError:
