@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hw3lib.data import load_annotations, write_json_atomic  # noqa: E402
-from hw3lib.metrics import ClipConfig, ClipScorer, cider, cider_in_background, clip_score, evaluate, java_available  # noqa: E402
+from hw3lib.metrics import (ClipConfig, ClipScorer, cider, cider_in_background, clip_score, evaluate,  # noqa: E402
+                            java_available)
 
 sys.path.insert(0, str(ROOT / "bench"))
 from train_throughput import WORDS, make_data  # noqa: E402
@@ -122,9 +123,11 @@ def main() -> None:
     scorer.embed_texts(list(pred.values()))
     t_texts = time.time() - t1
     out = {"device": name, "torch": torch.__version__, "java": java_available(), "captions": args.captions,
-           "seconds": seconds, "seconds_runs": runs, "captions_per_s": args.captions / seconds, "cider_seconds": t_cider, "cider_background_seconds": t_cider_bg,
+           "seconds": seconds, "seconds_runs": runs, "captions_per_s": args.captions / seconds,
+           "cider_seconds": t_cider, "cider_background_seconds": t_cider_bg,
            "clipscore_seconds": t_clip,
-           "image_batches_seconds": t_images, "embed_texts_seconds": t_texts, "cider": result["cider"], "clipscore": result["clipscore"],
+           "image_batches_seconds": t_images, "embed_texts_seconds": t_texts, "cider": result["cider"],
+           "clipscore": result["clipscore"],
            "clip_dtype": str(timed_dtype), "clip_workers": scorer.num_workers, "decode": args.decode,
            "resize_on_device": scorer.resize_on_device, "pin_decoded": scorer.pin_decoded, "decoder": args.decoder,
            "fp16_vs_fp32": precision}

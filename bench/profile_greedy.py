@@ -1,12 +1,14 @@
-"""Where batched greedy captioning's time goes, with and without Liger's Triton kernels (llava-1.5-7b architecture,
-random bf16 weights, COCO-size JPEGs, 20 new tokens, static KV cache).
+"""Where batched greedy captioning's time goes, with and without Liger's Triton kernels and CUDA-graphed steps
+(llava-1.5-7b architecture, random bf16 weights, COCO-size JPEGs, 20 new tokens, static KV cache).
 
     python bench/profile_greedy.py [--batch 128] [--images 512] [--workers 8] [--json OUT.json] [--profile OUT.txt]
 
 For each kernel set ("eager": transformers' modules; "liger": ``hw3lib.llava.use_fast_kernels``) and KV cache
-("static"; "static+graphs": the one-token steps replayed from a CUDA graph) it times, on one preprocessed batch: the prefill alone (a forward pass with ``logits_to_keep=1``), ``generate`` with 1 and with 20
-new tokens (their difference is the decoding), then ``caption_records`` end to end over ``--images`` JPEGs with
-DataLoader workers, and counts the captions equal to the first cache's. ``--profile`` writes torch.profiler's table of one 20-token ``generate`` per kernel set.
+("static"; "static+graphs": the one-token steps replayed from a CUDA graph) it times, on one preprocessed batch: the
+prefill alone (a forward pass with ``logits_to_keep=1``), ``generate`` with 1 and with 20 new tokens (their
+difference is the decoding), then ``caption_records`` end to end over ``--images`` JPEGs with DataLoader workers,
+and counts the captions equal to the first cache's. ``--profile`` writes torch.profiler's table of one 20-token
+``generate`` per kernel set.
 """
 import argparse
 import json

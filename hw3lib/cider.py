@@ -154,8 +154,9 @@ def cider_in_background(predictions: dict[str, str], references: dict[str, list[
         _warned_no_java = True
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 1) // 2))
-    proc = subprocess.Popen([sys.executable, "-m", "hw3lib.cider", str(workers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "hw3lib.cider", str(workers)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
     payload = json.dumps({"predictions": predictions, "references": references})
 
     def wait() -> tuple[float, dict[str, float]]:

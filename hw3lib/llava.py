@@ -651,7 +651,8 @@ def _sweep_on_gpus(todo: list, records: list[Record], out_dir: Path, model_name:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path, results_path = out_dir / "sweep_spec.json", out_dir / "sweep_results.json"
-    spec = {"model": model_name, "load_in_4bit": load_in_4bit, "fast_kernels": fast_kernels, "images": [str(r.image_path) for r in records],
+    spec = {"model": model_name, "load_in_4bit": load_in_4bit, "fast_kernels": fast_kernels,
+            "images": [str(r.image_path) for r in records],
             "batch_size": batch_size, "num_workers": num_workers, "first_sentence": first_sentence,
             "results": str(results_path),
             "settings": [{"instruction": t[1], "generation": asdict(t[3]), "predictions": str(t[4])} for t in todo]}

@@ -3,9 +3,10 @@
 CLIP's preprocessing (``Resize(224, bicubic)`` then ``CenterCrop(224)`` on a PIL image) costs about 3 ms of CPU per
 COCO image, twice the JPEG decoding; over 2,000 images it is most of what CLIPScore waits for. Pillow resamples in
 two separable passes (which one first depends on its version and the shapes: :func:`vertical_first`) with
-fixed-point coefficients (22 fraction bits), rounds half up after each pass and clips to 0..255. Those are integer sums, so float64 matrix products reproduce them exactly (every
-partial sum stays far below 2**53), on the GPU as well as on the CPU. Only the output pixels that survive the center
-crop are computed. ``tests/test_pil_resize.py`` compares the result with Pillow's on images of many shapes.
+fixed-point coefficients (22 fraction bits), rounds half up after each pass and clips to 0..255. Those are integer
+sums, so float64 matrix products reproduce them exactly (every partial sum stays far below 2**53), on the GPU as
+well as on the CPU. Only the output pixels that survive the center crop are computed. ``tests/test_pil_resize.py``
+compares the result with Pillow's on images of many shapes.
 
 The coefficients follow Pillow's ``Resample.c`` (``precompute_coeffs``, ``normalize_coeffs_8bpc``, the bicubic
 filter with a = -0.5 and support 2), computed in Python floats, which are C doubles. On the CPU Pillow itself is

@@ -3,10 +3,10 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m hw3lib.sweep_worker SPEC.json
 
-``SPEC.json``: ``model``, ``load_in_4bit``, ``fast_kernels``, ``images`` (paths, in order), ``batch_size``, ``num_workers``,
-``first_sentence``, ``settings`` (a list of ``{"instruction", "generation", "predictions"}``) and ``results`` (where
-the main process writes each setting's seconds and counts). Each process loads the model once on its own GPU;
-every setting is one :func:`~hw3lib.llava.caption_folder` call, sharded by batches, resumable.
+``SPEC.json``: ``model``, ``load_in_4bit``, ``fast_kernels``, ``images`` (paths, in order), ``batch_size``,
+``num_workers``, ``first_sentence``, ``settings`` (a list of ``{"instruction", "generation", "predictions"}``) and
+``results`` (where the main process writes each setting's seconds and counts). Each process loads the model once on
+its own GPU; every setting is one :func:`~hw3lib.llava.caption_folder` call, sharded by batches, resumable.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from hw3lib.data import DataError, list_images, load_image
-from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, attention_maps, build_prompt, caption_folder, caption_records,
-                          image_token_span, load_llava, postprocess, use_fast_kernels)
+from hw3lib.llava import (DEFAULT_INSTRUCTION, LlavaGeneration, attention_maps, build_prompt, caption_folder,
+                          caption_records, image_token_span, load_llava, postprocess, use_fast_kernels)
 
 
 def test_prompt_is_the_llava_conversation(llava):
