@@ -172,8 +172,11 @@ def jpeg_decoders_agree() -> bool:
     import io
 
     from PIL import Image
-    from torchvision.io import ImageReadMode, decode_jpeg
 
+    try:  # deprecated from torchvision 0.29 (TorchCodec takes over): where they are gone, Pillow decodes
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return False
     rng = np.random.default_rng(0)
     colour = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
     for image, kw in ((colour, dict(quality=90)), (colour, dict(quality=75, subsampling=0)),

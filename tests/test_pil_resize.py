@@ -78,3 +78,21 @@ def test_decode_rgb_gives_load_images_pixels_and_its_errors(tmp_path):
         decode_rgb(tmp_path / "h.jpg")
     with pytest.raises(DataError, match="i.jpg: image file not found"):
         decode_rgb(tmp_path / "i.jpg")
+
+
+def test_without_torchvisions_decoder_pillow_decodes(tmp_path, monkeypatch):
+    """Where torchvision.io has no decode_jpeg any more (deprecated from 0.29), JPEGs go through Pillow."""
+    import torchvision.io
+
+    from hw3lib import pil_resize
+    from hw3lib.data import load_image
+
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    pil_resize.jpeg_decoders_agree.cache_clear()
+    try:
+        assert not pil_resize.jpeg_decoders_agree()
+        Image.fromarray(_image(50, 70, seed=1)).save(tmp_path / "a.jpg")
+        got = pil_resize.decode_rgb(tmp_path / "a.jpg")
+        assert np.array_equal(got.numpy(), np.asarray(load_image(tmp_path / "a.jpg")))
+    finally:
+        pil_resize.jpeg_decoders_agree.cache_clear()
