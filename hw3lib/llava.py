@@ -198,7 +198,8 @@ def use_fast_kernels(model) -> bool:
     """Liger's fused Triton kernels for the language model's RMSNorm, rotary embedding and SwiGLU MLP in the
     prefill (``pip install liger-kernel``; CUDA only). The prefill, most of captioning's time, is then a fifth
     shorter (docs/benchmarks.md). The one-token decoding steps keep PyTorch's kernels: they are bound by kernel
-    launches, and Triton's launches cost more (with Liger there too, decoding was 20-70 % slower on an H100).
+    launches, and Triton's launches cost more, by my reading (with Liger there too, decoding was 20 % and 70 %
+    slower in two calls on an H100; docs/benchmarks.md has the spread, which is not profiled).
     Returns False, changing nothing, without a GPU model, a Llama language model or the package.
 
     Liger's rotary function replaces Llama's in ``transformers.models.llama`` for the whole process (prompts go to
@@ -342,11 +343,13 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
 def _batches(records, processor, prompt, dtype, device, batch_size: int, num_workers: int):
     """Preprocessed batches of ``batch_size`` images on ``device``, with their record indices.
 
-    With workers, each prepares a slice of a batch (``batch_size / num_workers`` images), so the first batch is
-    ready when its slices are, about ``num_workers`` times sooner than if one worker prepared it whole, and the
-    GPU does not wait at the start. Every prompt is the same text, so the slices' token ids have one length and
-    are joined as they are."""
-    chunk = -(-batch_size // num_workers) if num_workers > 0 else batch_size
+    With workers, each prepares a slice of a batch (the largest divisor of ``batch_size`` up to ``batch_size /
+    num_workers`` images, so that a batch is never larger than asked), and the first batch is ready when its
+    slices are, about ``num_workers`` times sooner than if one worker prepared it whole: the GPU does not wait at
+    the start. Every prompt is the same text, so the slices' token ids have one length and are joined as they
+    are."""
+    most = -(-batch_size // num_workers) if num_workers > 0 else batch_size
+    chunk = max(d for d in range(1, most + 1) if batch_size % d == 0)
     loader = torch.utils.data.DataLoader(ImageDataset(records), batch_size=chunk, num_workers=num_workers,
                                          collate_fn=_Collate(processor, prompt, dtype),
                                          pin_memory=device.type == "cuda", persistent_workers=False)

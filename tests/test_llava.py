@@ -62,12 +62,14 @@ def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
     single = caption_records(model, processor, recs, generation=gen, batch_size=1, progress=False)
     assert batched == single
     assert all(len(c.split()) >= 2 for c in batched.values())
-    # with workers, each prepares a slice (batch 5 / 2 workers: slices of 3, joined to 6, 2 left over)
-    seen = []
-    sliced = caption_records(model, processor, recs, generation=gen, batch_size=5, num_workers=2, progress=False,
-                             on_batch=lambda b: seen.append(list(b)))
-    assert sliced == single and list(sliced) == [r.file_id for r in recs]
-    assert [len(b) for b in seen] == [6, 2]
+    # with workers, each prepares a slice of a batch, joined to exactly the batch size (6 / 2 workers: slices of 3;
+    # 5 / 2 workers: slices of 1, as 3 does not divide 5)
+    for batch, sizes in ((6, [6, 2]), (5, [5, 3])):
+        seen = []
+        sliced = caption_records(model, processor, recs, generation=gen, batch_size=batch, num_workers=2,
+                                 progress=False, on_batch=lambda b: seen.append(list(b)))
+        assert sliced == single and list(sliced) == [r.file_id for r in recs]
+        assert [len(b) for b in seen] == sizes
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=2, length_penalty=0.5),
