@@ -61,6 +61,8 @@ def _cmd_run(args) -> int:
 
     cfg = WorkbookConfig.load(args.config)
     cfg.override(args.parameters or [])
+    if args.cell_timeout is not None:
+        cfg.cell_timeout = args.cell_timeout or None
     run(cfg, only=args.only, html=not args.no_html)
     return 0
 
@@ -279,6 +281,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("-f", "--config", default="configs/demo.yaml", help="papermill parameter file (default: demo)")
     r.add_argument("--only", nargs="+", help="run only these notebooks (names without .ipynb)")
     r.add_argument("--no-html", action="store_true", help="skip the nbconvert HTML reports")
+    r.add_argument("--cell-timeout", type=_in_range(0.0, float("inf"), low_open=False, high_open=True),
+                   metavar="SECONDS", help="stop a cell that runs longer, with its kernel's stacks (default: the "
+                                           "config's cell_timeout, else 1800; 0: no bound)")
     r.add_argument("-p", "--parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a parameter of the config, as papermill's -p (the value is read as YAML: 3, "
                         "0.5, true, text)")

@@ -56,6 +56,8 @@ def greedy(model, enc: dict, generation, pad_token_id: int, graphs: bool | None 
     the steps from a CUDA graph (default: on a CUDA device)."""
     from transformers import StaticCache
 
+    from .rehearsal.answers import answer_tokens, end_after
+
     ids, mask = enc["input_ids"], enc["attention_mask"]
     device, (batch, prompt) = ids.device, ids.shape
     graphs = device.type == "cuda" if graphs is None else graphs
@@ -84,14 +86,19 @@ def greedy(model, enc: dict, generation, pad_token_id: int, graphs: bool | None 
     }
     state["mask"][:, 0, 0, :prompt].masked_fill_(mask.bool(), 0.0)
     min_new = torch.tensor(generation.min_new_tokens, device=device)
+    span = answer_tokens(model)  # the rehearsal's random LLaVA: answers of 8-20 tokens (hw3lib.rehearsal.answers)
+    state["first"] = torch.zeros(batch, dtype=torch.long, device=device)
 
     def choose(logits: torch.Tensor) -> None:
         """The greedy token from ``logits`` (B, V): generate's MinNewTokens processor, argmax, padding after the
         end; then the buffers move one step on."""
         blocked = logits.index_fill(-1, eos, float("-inf")) if len(eos) else logits
         logits = torch.where(state["step"] < min_new, blocked, logits)
+        if span is not None:
+            logits = end_after(logits, state["step"], state["first"], *span, int(eos[0]))
         token = logits.argmax(-1).masked_fill(state["finished"], pad_token_id)
         state["out"].index_copy_(1, state["step"].view(1), token[:, None])
+        state["first"].copy_(torch.where(state["step"] == 0, token, state["first"]))
         state["finished"] |= torch.isin(token, eos)
         state["token"].copy_(token[:, None])
         state["step"] += 1

@@ -6,17 +6,23 @@ front end starts kernels in. The notebooks' kernelspec names it, so JupyterLab p
 
   python -m hw3lib.kernel --install      register it (the set-up does: for this environment and this user)
   python -m hw3lib.kernel -f CONN.json   what a front end runs (the kernelspec's argv)
+
+With ``HW3_KERNEL_STACKS=FILE`` in its environment (``hw3 run`` sets it), the kernel writes every thread's Python
+stacks to FILE when it crashes (a fatal signal) and whenever it receives SIGUSR1: where a hung or dead kernel was.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 NAME = "hw3"
+STACKS_ENV = "HW3_KERNEL_STACKS"
 DISPLAY_NAME = "HW3 workbook"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +80,21 @@ def main(argv: list[str]) -> None:
             except OSError as e:  # a read-only home: the environment's own JupyterLab still sees the first one
                 print(f"kernel {NAME!r}: not registered for this user ({e})", file=sys.stderr)
         return
-    os.chdir(ROOT)
-    from ipykernel import kernelapp
+    if argv[:1] == ["--here"]:  # hw3 run: papermill has chosen the folder
+        argv = argv[1:]
+    else:
+        os.chdir(ROOT)
+    from ipykernel.kernelapp import IPKernelApp
 
-    kernelapp.launch_new_instance(argv=argv)
+    app = IPKernelApp.instance()
+    app.initialize(argv)
+    stacks = os.environ.pop(STACKS_ENV, "")  # not inherited by what the notebook starts
+    if stacks:  # after initialize: ipykernel wraps faulthandler's functions there
+        handle = open(stacks, "w", buffering=1)  # noqa: SIM115 -- open for the kernel's whole life
+        faulthandler.enable(file=handle, all_threads=True)
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.register(signal.SIGUSR1, file=handle, all_threads=True)
+    app.start()
 
 
 if __name__ == "__main__":

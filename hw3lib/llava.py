@@ -281,7 +281,9 @@ def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
     third of the prefill for 3 beams. With ``prompt_once`` (the default) the prompt's keys and values then stay
     once per image (``hw3lib.beam_kv``): a step copies and reorders only the generated positions. Without it, the
     cache is repeated for the beams, and every step grows and reorders the whole of it."""
-    kw = generation.generate_kwargs()
+    from .rehearsal.answers import logits_processors
+
+    kw = {**generation.generate_kwargs(), **logits_processors(model, enc["input_ids"].shape[1])}
     if generation.cache == "static+graphs":
         from hw3lib import fast_greedy
 
@@ -529,7 +531,10 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     tok = processor.tokenizer
     prompt_len = enc["input_ids"].shape[1]
     if generated_ids is None:
-        out = model.generate(**enc, **generation.generate_kwargs(), pad_token_id=tok.pad_token_id)
+        from .rehearsal.answers import logits_processors
+
+        out = model.generate(**enc, **generation.generate_kwargs(), **logits_processors(model, prompt_len),
+                             pad_token_id=tok.pad_token_id)
         generated_ids = out[0, prompt_len:].tolist()
     generated_ids = [t for t in generated_ids if t != tok.pad_token_id]
     if generated_ids and generated_ids[-1] == tok.eos_token_id:

@@ -85,7 +85,7 @@ def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_
         return _FEATURES[memo_key]
     path = Path(out_dir) / f"features-{key}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, mmap=True)  # pages read as the steps need them, shared
     feats = extract_features(encoder, transform, records, enc_cfg, cfg.eval_batch_size, device, workers)
     with atomic_path(path) as tmp:
         torch.save(feats, tmp)

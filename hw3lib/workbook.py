@@ -6,10 +6,16 @@ notebook declares is an error (a typo would otherwise be silently ignored).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,18 +44,40 @@ class WorkbookConfig:
     notebooks: list[str]  # notebook names (without .ipynb) in the order they run
     parameters: dict = field(default_factory=dict)  # flat: name -> value, passed to the notebooks that declare it
     demo_world: bool = False  # build the shapes world and check the stand-ins before running
+    cell_timeout: float | None = 1800  # seconds one cell may run before its kernel is stopped (None: no bound)
+    notebooks_dir: Path | None = None  # where the notebooks are (None: the workbook's notebooks/)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "WorkbookConfig":
-        path = Path(path)
+    @staticmethod
+    def _read(path: Path, seen: tuple = ()) -> dict:
+        """The config's mapping; one that ``extends: OTHER.yaml`` (relative to it) takes OTHER's keys and replaces
+        those it names, its ``parameters`` one by one (``configs/hw3-24gb.yaml`` extends ``hw3.yaml``)."""
         try:
             raw = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read the config ({e})") from None
-        allowed = {"profile", "output_dir", "notebooks", "parameters", "demo_world"}
+        if not isinstance(raw, dict) or "extends" not in raw:
+            return raw
+        base = path.parent / str(raw.pop("extends"))
+        if base.resolve() in seen:
+            raise ConfigError(f"{path}: 'extends' goes round in a circle through {base}")
+        parent = WorkbookConfig._read(base, seen + (path.resolve(),))
+        if not isinstance(parent, dict):
+            raise ConfigError(f"{base} (extended by {path}): a config is a mapping, got {type(parent).__name__}")
+        params = raw.get("parameters")
+        merged = {**parent, **raw}
+        if isinstance(params, dict) and isinstance(parent.get("parameters"), dict):
+            merged["parameters"] = {**parent["parameters"], **params}
+        return merged
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WorkbookConfig":
+        path = Path(path)
+        raw = cls._read(path)
+        allowed = {"profile", "output_dir", "notebooks", "parameters", "demo_world", "cell_timeout", "notebooks_dir"}
         if not isinstance(raw, dict) or set(raw) - allowed or "profile" not in raw:
-            raise ConfigError(f"{path}: a config is a mapping with 'profile' and any of {sorted(allowed)}; "
-                                f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+            raise ConfigError(f"{path}: a config is a mapping with 'profile' and any of "
+                              f"{sorted(allowed | {'extends'})}; "
+                              f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
         params = raw.get("parameters") or {}
         bad = {k: type(v).__name__ for k, v in params.items() if not isinstance(v, (str, int, float, bool, type(None)))}
         if bad:
@@ -57,9 +85,15 @@ class WorkbookConfig:
         notebooks = raw.get("notebooks")
         if not isinstance(notebooks, list) or not notebooks or not all(isinstance(n, str) for n in notebooks):
             raise ConfigError(f"{path}: 'notebooks' must be a non-empty list of notebook names, got {notebooks!r}")
+        timeout = raw.get("cell_timeout", cls.cell_timeout)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
+            raise ConfigError(f"{path}: cell_timeout must be a number of seconds > 0 (or null: no bound), "
+                              f"got {timeout!r}")
         return cls(profile=raw["profile"], output_dir=Path(raw.get("output_dir", f"outputs/{raw['profile']}")),
                    notebooks=list(raw.get("notebooks") or []), parameters=params,
-                   demo_world=bool(raw.get("demo_world", False)))
+                   demo_world=bool(raw.get("demo_world", False)), cell_timeout=timeout,
+                   notebooks_dir=path.parent / raw["notebooks_dir"] if raw.get("notebooks_dir") else None)
 
     def override(self, pairs: list) -> None:
         """``-p NAME VALUE`` pairs, typed as papermill's ``-p`` types them: int, float, True/False/None, else text."""
@@ -79,8 +113,37 @@ def _papermill_value(value: str):
     return value
 
 
-def notebook_path(name: str) -> Path:
-    return ROOT / "notebooks" / f"{name}.ipynb"
+def _kernel_failure(name: str, source: Path, target: Path, watchdog: "CellWatchdog", stacks: Path,
+                    bound: float | None) -> str:
+    """One line for a notebook whose kernel hung or died: the notebook, the cell, where the kernel was."""
+    import nbformat
+
+    index = watchdog.timed_out if watchdog.timed_out is not None else watchdog.last_cell
+    cell = ""
+    if index is not None:
+        with contextlib.suppress(Exception):  # the executed copy has the injected parameters cell; the source not
+            cells = nbformat.read(str(target if target.is_file() else source), as_version=4).cells
+            first = next((line for line in cells[index].source.splitlines() if line.strip()), "")
+            cell = f" in cell {index + 1} of {len(cells)} ({first[:60]!r})"
+    where = where_it_was(stacks)
+    where = f"; it was at {where} (all stacks: {stacks})" if where else ""
+    if watchdog.timed_out is not None:
+        return (f"{name}.ipynb: a cell ran past the {bound:g} s bound (cell_timeout) and its kernel was stopped"
+                f"{cell}{where}; the executed notebook is {target}")
+    process = watchdog.process
+    status = process.poll() if process is not None else None
+    how = ""
+    if status is not None and status < 0:
+        sig = signal.Signals(-status).name if -status in signal.valid_signals() else str(-status)
+        how = f" (killed by {sig}{': out of host memory?' if sig == 'SIGKILL' else ''})"
+    elif status is not None:
+        how = f" (exit status {status})"
+    return f"{name}.ipynb: its kernel died{how}{cell}{where}; the executed notebook is {target}"
+
+
+def notebook_path(name: str, folder: Path | None = None) -> Path:
+    """``name``.ipynb in ``folder`` (a config's ``notebooks_dir``, relative to the config) or the workbook's."""
+    return (folder or ROOT / "notebooks") / f"{name}.ipynb"
 
 
 def _declared(nb: Path) -> dict:
@@ -100,10 +163,11 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     if unknown_only:
         raise ConfigError(f"--only {unknown_only}: not among the config's notebooks {config.notebooks}")
     names = [n for n in config.notebooks if not only or n in only]
-    missing = [n for n in names if not notebook_path(n).is_file()]
+    source = {n: notebook_path(n, config.notebooks_dir) for n in names}
+    missing = [str(path) for path in source.values() if not path.is_file()]
     if missing:
-        raise ConfigError(f"notebooks not found: {[str(notebook_path(n)) for n in missing]}")
-    declared = {n: _declared(notebook_path(n)) for n in names}
+        raise ConfigError(f"notebooks not found: {missing}")
+    declared = {n: _declared(source[n]) for n in names}
     unknown = sorted(set(config.parameters) - {p for d in declared.values() for p in d})
     if unknown and not only:
         raise ConfigError(f"parameters {unknown} are declared by none of the notebooks {names}")
@@ -120,6 +184,9 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     (out / "report").mkdir(parents=True, exist_ok=True)
     device, costs = _device_name(), {}
+    # nbclient logs "Kernel died while waiting for execute reply." through papermill's logger: the one line below
+    # says it with the notebook and the cell
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)
     for name in names:
         params = {k: v for k, v in config.parameters.items() if k in declared[name]}
         if "output_dir" in declared[name]:
@@ -130,15 +197,31 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         peak_file = out / "metrics" / f".cuda_peak_{name}.json"
         peak_file.unlink(missing_ok=True)
         os.environ[CUDA_PEAK_ENV] = str(peak_file)  # the kernel inherits it; report.save_metrics writes there
+        stacks = out / f"{name}.stacks.txt"  # the kernel's Python stacks, kept only when it hung or died
+        stacks.unlink(missing_ok=True)
+        manager = _local_kernel_manager(stacks)
+        watchdog = CellWatchdog(config.cell_timeout, lambda: (manager.started[-1].process if manager.started
+                                                              else None), stacks)
         try:
-            with PeakMemory() as peak:
-                papermill.execute_notebook(str(notebook_path(name)), str(target), parameters=params,
+            with PeakMemory() as peak, watchdog:
+                papermill.execute_notebook(str(source[name]), str(target), parameters=params,
                                            cwd=str(ROOT), kernel_name="python3", progress_bar=progress,
-                                           log_output=False, kernel_manager_class=_local_kernel_manager())
+                                           log_output=False, kernel_manager_class=manager,
+                                           # nbclient's own bound, a backstop behind the watchdog's
+                                           execution_timeout=config.cell_timeout + 60 if config.cell_timeout
+                                           else None, **watchdog.hooks())
         except PapermillExecutionError as e:
             first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
             raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
                                 f"{e.evalue}; the executed notebook with the traceback is {target}") from None
+        except Exception as e:  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
+            from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+            if not isinstance(e, (CellTimeoutError, DeadKernelError)):
+                raise
+            raise WorkbookError(_kernel_failure(name, source[name], target, watchdog, stacks,
+                                                config.cell_timeout)) from None
+        stacks.unlink(missing_ok=True)
         cost = {"seconds": round(time.time() - t0, 1), **peak.as_dict(), "device": device}
         if peak_file.is_file():  # PyTorch's own peaks inside the kernel
             torch_peak = json.loads(peak_file.read_text())
@@ -148,24 +231,134 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         if html:
             _export_html(target, out / "report" / f"{name}.html")
         gpu = f", peak GPU {cost['peak_gpu_gib']} GiB" if cost["peak_gpu_gib"] is not None else ""
-        log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_rss_gib']} GiB")
+        log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_pss_gib']} GiB (PSS)")
     timings = {n: c["seconds"] for n, c in costs.items()} if names else {}
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
     log(f"[{config.profile}] metrics: {out / 'metrics.json'}; reports: {out / 'report'}")
     return merged
 
 
-def _local_kernel_manager():
-    """Kernels talk to the runner over Unix sockets, not TCP on localhost: nothing listens on a port, and ipykernel
-    has no reason to warn that its TCP traffic is unencrypted."""
+def _local_kernel_manager(stacks: Path):
+    """The runner's kernel: this Python running :mod:`hw3lib.kernel`, which writes its stacks to ``stacks`` when it
+    crashes or receives SIGUSR1 (:class:`CellWatchdog`).
+
+    It talks to the runner over Unix sockets, not TCP on localhost: nothing listens on a port, and ipykernel has no
+    reason to warn that its TCP traffic is unencrypted. Each kernel's sockets live in a folder of their own, removed
+    with it: jupyter_client's default names them ``kernel-ipc-1`` ... ``kernel-ipc-5`` in the working folder, the
+    same names for every kernel of a run."""
     from jupyter_client.manager import AsyncKernelManager
 
+    from .kernel import STACKS_ENV
+
     class LocalKernelManager(AsyncKernelManager):
+        started: list = []  # every kernel this process started, newest last: the watchdog's kernel is the last
+
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.transport = "ipc"
+            self._ipc_dir = tempfile.mkdtemp(prefix="hw3-kernel-")
+            self.ip = os.path.join(self._ipc_dir, "ipc")
+            self.stacks = stacks
+            LocalKernelManager.started.append(self)
+
+        def format_kernel_cmd(self, extra_arguments=None):
+            return [sys.executable, "-m", "hw3lib.kernel", "--here", "-f", self.connection_file]  # papermill's cwd
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            env = dict(kw.get("env") or os.environ)
+            env[STACKS_ENV] = str(self.stacks)
+            kw["env"] = env
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+        @property
+        def process(self):
+            return getattr(self.provisioner, "process", None)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     return LocalKernelManager
+
+
+class CellWatchdog:
+    """Bounds every cell of one notebook's run. nbclient's hooks say when a cell starts and ends; a thread checks
+    every second. A cell that runs past ``seconds``: its kernel is asked for its Python stacks (SIGUSR1, written to
+    the stacks file), then killed with its children, which ends nbclient's wait (``DeadKernelError``).
+    ``kernel_process()`` returns the kernel's ``Popen`` (its exit status after a death)."""
+
+    def __init__(self, seconds: float | None, kernel_process, stacks: Path):
+        self.seconds, self.kernel_process, self.stacks = seconds, kernel_process, stacks
+        self.cell: tuple[int, float] | None = None  # (cell index, start) of the running cell
+        self.timed_out: int | None = None  # the index of the cell that was stopped
+        self.last_cell: int | None = None
+        self.process = None  # the kernel's Popen, kept after nbclient has let it go
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def hooks(self) -> dict:
+        def start(cell, cell_index, **_):
+            self.cell, self.last_cell = (cell_index, time.monotonic()), cell_index
+
+        def done(cell, cell_index, **_):
+            self.cell = None
+
+        return {"on_cell_execute": start, "on_cell_executed": done}
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.process = self.kernel_process() or self.process
+            running = self.cell
+            if self.seconds and running and time.monotonic() - running[1] > self.seconds and self.process:
+                self.timed_out = running[0]
+                self._stop_kernel(self.process)
+                return
+
+    def _stop_kernel(self, process) -> None:
+        import psutil
+
+        try:
+            size = self.stacks.stat().st_size if self.stacks.is_file() else 0
+            os.kill(process.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 5  # the stacks are written by the kernel's signal handler: at once
+            while time.monotonic() < deadline and (not self.stacks.is_file() or self.stacks.stat().st_size == size):
+                time.sleep(0.1)
+            time.sleep(0.2)
+            kernel = psutil.Process(process.pid)
+            family = kernel.children(recursive=True) + [kernel]
+        except (OSError, psutil.Error):
+            family = []
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+    def __enter__(self) -> "CellWatchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def where_it_was(stacks: Path) -> str:
+    """The innermost frame of the kernel's main thread in a faulthandler dump, and the innermost frame of notebook
+    code (a cell), e.g. ``"viz.py:120 in attention_browser, from cell line 3"``; "" when there is no dump."""
+    if not stacks.is_file():
+        return ""
+    text = stacks.read_text(errors="replace")
+    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", text)
+    main = [b for b in blocks if b.lstrip().startswith("Current thread")]
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', (main or blocks)[-1])
+    if not frames:
+        return ""
+    file, line, func = frames[0]
+    where = f"{Path(file).name}:{line} in {func}"
+    cell = next(((f, n) for f, n, _ in frames if "ipykernel_" in f or f.startswith("<ipython")), None)
+    if cell and cell[0] != file:
+        where += f", from the cell's line {cell[1]}"
+    return where
 
 
 class PeakMemory:
@@ -176,11 +369,15 @@ class PeakMemory:
       freed blocks while the card has room, so on a large card this is an upper bound; the runner also records
       ``torch_allocated_gib`` (what the tensors needed at most) from the kernel. None where there is no
       ``nvidia-smi``.
-    * ``peak_rss_gib``: resident memory of the runner's child processes (the kernel and its DataLoader workers).
+    * ``peak_pss_gib``: the proportional set size of the runner's child processes (the kernel and its DataLoader
+      workers): each page counted once, shared pages split between the processes that map them. This is what the
+      notebook needs of the machine's RAM. ``peak_rss_gib``, their summed resident memory, counts a page shared by a
+      kernel and its forked workers once per process; it is kept for comparison. Where PSS cannot be read (no
+      ``/proc``), it falls back to RSS.
     """
 
     def __init__(self, interval: float = 0.5):
-        self.interval, self.peak_gpu, self.peak_rss = interval, None, 0
+        self.interval, self.peak_gpu, self.peak_rss, self.peak_pss = interval, None, 0, 0
         self._stop = threading.Event()
         self._smi = shutil.which("nvidia-smi")
         self._base = self._gpu_used() if self._smi else None
@@ -194,20 +391,25 @@ class PeakMemory:
         except (OSError, ValueError, subprocess.SubprocessError):
             return None
 
-    def _rss(self) -> int:
+    @staticmethod
+    def _host_memory() -> tuple[int, int]:
+        """(summed RSS, summed PSS) of this process's children, recursively."""
         import psutil
 
-        total = 0
+        rss = pss = 0
         for child in psutil.Process().children(recursive=True):
             try:
-                total += child.memory_info().rss
+                info = child.memory_full_info() if sys.platform.startswith("linux") else child.memory_info()
             except psutil.Error:
-                pass
-        return total
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self._rss())
+            rss, pss = self._host_memory()
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             if self._base is not None:
                 used = self._gpu_used()
                 if used is not None:
@@ -225,7 +427,7 @@ class PeakMemory:
     def as_dict(self) -> dict:
         gib = 2**30
         return {"peak_gpu_gib": None if self.peak_gpu is None else round(self.peak_gpu / gib, 2),
-                "peak_rss_gib": round(self.peak_rss / gib, 2)}
+                "peak_pss_gib": round(self.peak_pss / gib, 2), "peak_rss_gib": round(self.peak_rss / gib, 2)}
 
 
 def _record_cost(out: Path, name: str, cost: dict) -> dict:

@@ -24,6 +24,7 @@ data_root: str = "data/demo/hw3_data"  # hw3_data root
 adapter: str = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
 llava_model: str = "data/demo/models/llava"  # local folder or hub id (configs/hw3.yaml names the real one)
 llava_instruction: str = ""  # "": the best instruction of notebook 01
+llava_load_in_4bit: bool = False  # 4-bit language model (bitsandbytes, GPU): configs/hw3-12gb.yaml
 attention_layer: str = "best"  # a layer index, "mean" over layers, or "best" (highest pointing accuracy; else the last)
 attention_heads: str = "mean"  # "mean", "max" or a head index
 attention_query: str = "best"  # "predict" (the course's), "read", "both" (their mean), or "best" (else "predict")
@@ -63,7 +64,7 @@ llava_metrics = out / "metrics/llava.json"
 best_instruction = json.loads(llava_metrics.read_text())["best"]["instruction"] if llava_metrics.is_file() else None
 instruction = P.llava_instruction or best_instruction or DEFAULT_INSTRUCTION
 captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
-llava, processor = load_llava(P.llava_model)
+llava, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
 print(f"captioner: {adapter}\nLLaVA: {P.llava_model}, instruction {instruction!r}")
 
 # %% [markdown]

@@ -71,9 +71,9 @@ def test_unknown_parameter_and_missing_notebook(fake_root):
 
 
 def test_config_files(tmp_path):
-    for name in ("demo", "hw3"):
+    for name in ("demo", "hw3", "hw3-24gb", "hw3-12gb"):
         cfg = WorkbookConfig.load(wb.ROOT / "configs" / f"{name}.yaml")
-        assert cfg.profile == name and cfg.notebooks
+        assert cfg.profile == name.split("-")[0] and cfg.notebooks
         for nb in cfg.notebooks:
             assert wb.notebook_path(nb).is_file()
     (tmp_path / "bad.yaml").write_text("profile: x\nparameters:\n  nested: {a: 1}\n")
@@ -82,3 +82,87 @@ def test_config_files(tmp_path):
     (tmp_path / "typo.yaml").write_text("profile: x\nnotebook: [a]\n")
     with pytest.raises(WorkbookError, match=r"typo\.yaml: a config is a mapping"):
         WorkbookConfig.load(tmp_path / "typo.yaml")
+
+
+def _hw3_run(config, *args, timeout=180):
+    """``hw3 run`` in its own process, as a user runs it: (exit status, stderr, seconds)."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "hw3lib", "run", "-f", str(config), "--no-html", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    said = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()
+            and not line.startswith("Executing:")]  # papermill's progress bar
+    return done.returncode, "\n".join(said), time.monotonic() - t0
+
+
+def _one_notebook_config(tmp_path, name, cells, **extra):
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir(exist_ok=True)
+    _notebook(nb_dir / f"{name}.ipynb", [("parameters", "output_dir = 'x'"), *cells])
+    config = tmp_path / "config.yaml"
+    config.write_text("\n".join([f"profile: t", f"output_dir: {tmp_path / 'out'}", "notebooks_dir: nbs",
+                                 f"notebooks: [{name}]", *(f"{k}: {v}" for k, v in extra.items())]) + "\n")
+    return config
+
+
+def test_a_hung_cell_is_stopped_within_its_bound_with_one_line(tmp_path):
+    import psutil
+
+    config = _one_notebook_config(tmp_path, "hangs", [(None, "import time\n\ntime.sleep(600)")], cell_timeout=4)
+    before = {p.pid for p in psutil.process_iter()}
+    status, err, seconds = _hw3_run(config)
+    assert status == 1 and seconds < 60, (status, seconds, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hw3 run: hangs.ipynb: a cell ran past the 4 s bound (cell_timeout)"), err
+    assert "in cell 3 of 3 ('import time')" in err and ":3 in <module>" in err, err  # the cell's line 3: the sleep
+    stacks = tmp_path / "out/hangs.stacks.txt"
+    assert "Current thread" in stacks.read_text() and str(stacks) in err
+    assert (tmp_path / "out/hangs.ipynb").is_file()  # the executed notebook, up to the cell that hung
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+            and "hw3lib.kernel" in " ".join(p.info["cmdline"] or [])]
+    assert not left  # no kernel left behind
+
+
+def test_the_command_line_bound_overrides_the_config(tmp_path):
+    config = _one_notebook_config(tmp_path, "slow", [(None, "import time\ntime.sleep(600)")])
+    status, err, seconds = _hw3_run(config, "--cell-timeout", "3")
+    assert status == 1 and "past the 3 s bound" in err and seconds < 60, err
+
+
+@pytest.mark.parametrize("how, said", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "its kernel died (killed by SIGKILL: out of host "
+                                                                 "memory?) in cell 3 of 3 ('import os, signal')"),
+    ("import ctypes\nctypes.string_at(0)", "its kernel died (killed by SIGSEGV) in cell 3 of 3 ('import ctypes'); "
+                                           "it was at "),
+])
+def test_a_dead_kernel_is_one_line(tmp_path, how, said):
+    config = _one_notebook_config(tmp_path, "dies", [(None, how)])
+    status, err, _ = _hw3_run(config)
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"hw3 run: dies.ipynb: {said}" in err, err
+
+
+def test_cell_timeout_in_a_config_is_checked(tmp_path):
+    config = _one_notebook_config(tmp_path, "x", [], cell_timeout="soon")
+    with pytest.raises(wb.ConfigError, match="cell_timeout must be a number of seconds"):
+        WorkbookConfig.load(config)
+
+
+def test_card_configs_extend_the_80_gb_one(tmp_path):
+    big = WorkbookConfig.load(wb.ROOT / "configs/hw3.yaml")
+    small = WorkbookConfig.load(wb.ROOT / "configs/hw3-12gb.yaml")
+    assert small.parameters["llava_load_in_4bit"] is True and small.output_dir.name == "hw3-12gb"
+    assert small.notebooks == big.notebooks
+    same = {k: v for k, v in small.parameters.items() if k in big.parameters and big.parameters[k] == v}
+    assert same["llava_model"] == "llava-hf/llava-1.5-7b-hf" and same["num_epochs"] == big.parameters["num_epochs"]
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nprofile: x\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nprofile: y\n")
+    with pytest.raises(wb.ConfigError, match="goes round in a circle"):
+        WorkbookConfig.load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\nprofile: x\n")
+    with pytest.raises(wb.ConfigError, match="missing.yaml: cannot read the config"):
+        WorkbookConfig.load(tmp_path / "c.yaml")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import answers
 from .hub_cache import write_folder, write_repo
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / "data/gpt2"
@@ -126,6 +127,8 @@ def save_llava(repo_id: str, cache_dir: Path, device: str = "cuda", log=print) -
     config = llava_15_7b_config(image_token_id=tok.convert_tokens_to_ids("<image>"))
     config.text_config.pad_token_id = config.pad_token_id = tok.pad_token_id
     config.text_config.bos_token_id, config.text_config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    # random weights never end an answer: end them after 8-20 tokens, as one-sentence captions (answers.py)
+    setattr(config, answers.MARKER, list(answers.REHEARSAL_TOKENS))
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
