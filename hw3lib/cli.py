@@ -63,6 +63,10 @@ def _cmd_run(args) -> int:
     cfg.override(args.parameters or [])
     if args.cell_timeout is not None:
         cfg.cell_timeout = args.cell_timeout or None
+    if args.gpu_cap is not None:  # the kernels inherit it (hw3lib.kernel applies it)
+        from .distributed import GPU_CAP_ENV
+
+        os.environ[GPU_CAP_ENV] = f"{args.gpu_cap:g}"
     run(cfg, only=args.only, html=not args.no_html)
     return 0
 
@@ -284,6 +288,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--cell-timeout", type=_in_range(0.0, float("inf"), low_open=False, high_open=True),
                    metavar="SECONDS", help="stop a cell that runs longer, with its kernel's stacks (default: the "
                                            "config's cell_timeout, else 1800; 0: no bound)")
+    r.add_argument("--gpu-cap", type=_in_range(0.0, float("inf"), low_open=True, high_open=True), metavar="GIB",
+                   help="cap PyTorch's GPU memory in the notebooks' kernels, to check that a config fits a smaller "
+                        "card on a larger one (22 for a 24 GB card, 10.5 for 12 GB; docs/rehearsal.md)")
     r.add_argument("-p", "--parameters", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a parameter of the config, as papermill's -p (the value is read as YAML: 3, "
                         "0.5, true, text)")
@@ -464,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = one_line_warning
     try:
+        if os.environ.get("HW3_GPU_CAP_GIB") and args.command != "run":  # any command on a pretended smaller card
+            from .distributed import apply_gpu_cap
+
+            apply_gpu_cap()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"hw3 {args.command}: interrupted", file=sys.stderr)

@@ -102,3 +102,25 @@ def current() -> Dist:
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Dist()
+
+
+GPU_CAP_ENV = "HW3_GPU_CAP_GIB"
+
+
+def apply_gpu_cap() -> float | None:
+    """With ``HW3_GPU_CAP_GIB`` set (``hw3 run --gpu-cap``, or by hand for any ``hw3`` command), cap PyTorch's CUDA
+    allocator in this process at that many GiB, so that a run that needs more fails with an out-of-memory error as
+    it would on a smaller card: a 24 GB card is about 22 GiB for PyTorch, a 12 GB card 10.5 (the CUDA context and
+    the driver take the rest). It caps what PyTorch allocates, not what other libraries take with their own
+    allocators. Returns the cap, or None where none is set or there is no GPU."""
+    text = os.environ.get(GPU_CAP_ENV, "")
+    if not text or not torch.cuda.is_available():
+        return None
+    try:
+        cap = float(text)
+    except ValueError:
+        raise ValueError(f"{GPU_CAP_ENV}={text!r}: expected a number of GiB") from None
+    for i in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(i).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), i)
+    return cap
