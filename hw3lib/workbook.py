@@ -156,9 +156,6 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         progress: bool = True) -> dict:
     """Execute the config's notebooks (or ``only`` these) and return the merged metrics. ``progress``: papermill's
     bar (cell n of N, elapsed) while each notebook runs."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     unknown_only = sorted(set(only or ()) - set(config.notebooks))
     if unknown_only:
         raise ConfigError(f"--only {unknown_only}: not among the config's notebooks {config.notebooks}")
@@ -184,9 +181,6 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     (out / "report").mkdir(parents=True, exist_ok=True)
     device, costs = _device_name(), {}
-    # nbclient logs "Kernel died while waiting for execute reply." through papermill's logger: the one line below
-    # says it with the notebook and the cell
-    logging.getLogger("papermill").setLevel(logging.CRITICAL)
     for name in names:
         params = {k: v for k, v in config.parameters.items() if k in declared[name]}
         if "output_dir" in declared[name]:
@@ -197,31 +191,8 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         peak_file = out / "metrics" / f".cuda_peak_{name}.json"
         peak_file.unlink(missing_ok=True)
         os.environ[CUDA_PEAK_ENV] = str(peak_file)  # the kernel inherits it; report.save_metrics writes there
-        stacks = out / f"{name}.stacks.txt"  # the kernel's Python stacks, kept only when it hung or died
-        stacks.unlink(missing_ok=True)
-        manager = _local_kernel_manager(stacks)
-        watchdog = CellWatchdog(config.cell_timeout, lambda: (manager.started[-1].process if manager.started
-                                                              else None), stacks)
-        try:
-            with PeakMemory() as peak, watchdog:
-                papermill.execute_notebook(str(source[name]), str(target), parameters=params,
-                                           cwd=str(ROOT), kernel_name="python3", progress_bar=progress,
-                                           log_output=False, kernel_manager_class=manager,
-                                           # nbclient's own bound, a backstop behind the watchdog's
-                                           execution_timeout=config.cell_timeout + 60 if config.cell_timeout
-                                           else None, **watchdog.hooks())
-        except PapermillExecutionError as e:
-            first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
-            raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
-                                f"{e.evalue}; the executed notebook with the traceback is {target}") from None
-        except Exception as e:  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
-            from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-            if not isinstance(e, (CellTimeoutError, DeadKernelError)):
-                raise
-            raise WorkbookError(_kernel_failure(name, source[name], target, watchdog, stacks,
-                                                config.cell_timeout)) from None
-        stacks.unlink(missing_ok=True)
+        with PeakMemory() as peak:
+            execute_in_child(name, source[name], target, params, ROOT, config.cell_timeout, progress)
         cost = {"seconds": round(time.time() - t0, 1), **peak.as_dict(), "device": device}
         if peak_file.is_file():  # PyTorch's own peaks inside the kernel
             torch_peak = json.loads(peak_file.read_text())
@@ -236,6 +207,81 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
     log(f"[{config.profile}] metrics: {out / 'metrics.json'}; reports: {out / 'report'}")
     return merged
+
+
+def execute_in_child(name: str, source: Path, target: Path, params: dict, cwd: Path, cell_timeout: float | None,
+                     progress: bool = True) -> None:
+    """:func:`execute` in a child process of its own (``python -m hw3lib.workbook SPEC.json``), so that every
+    notebook's kernel is the first and only one its runner starts. Run one after another in one process, a later
+    kernel's cell could wait for ever for a reply that the kernel had sent: at the course's sizes, notebook 04 after
+    03 hung at its widget cell, the kernel idle and the runner waiting (docs/rehearsal.md); a notebook run alone,
+    in a process of its own, never did. The child's one-line error comes back as this process's WorkbookError."""
+    spec = {"name": name, "source": str(source), "target": str(target), "params": params, "cwd": str(cwd),
+            "cell_timeout": cell_timeout, "progress": progress}
+    with tempfile.TemporaryDirectory(prefix="hw3-run-") as tmp:
+        spec_file, result = Path(tmp) / "spec.json", Path(tmp) / "error.txt"
+        spec_file.write_text(json.dumps({**spec, "error_file": str(result)}))
+        child = subprocess.Popen([sys.executable, "-m", "hw3lib.workbook", str(spec_file)], cwd=str(cwd))
+        try:
+            status = child.wait()  # bounded: the child bounds every cell (cell_timeout) and the kernel's start
+        except BaseException:  # Ctrl-C reaches the child too; give it a moment to stop its kernel, then stop it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            raise
+        if status != 0:
+            message = result.read_text().strip() if result.is_file() else ""
+            raise WorkbookError(message or f"{name}.ipynb: its runner process ended with status {status}")
+
+
+def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell_timeout: float | None,
+            progress: bool = True) -> None:
+    """Execute one notebook with papermill into ``target``, every cell bounded by ``cell_timeout`` seconds
+    (:class:`CellWatchdog`). A failing cell, a hung cell and a dead kernel each raise a :class:`WorkbookError`
+    whose one line names the notebook and the cell; the kernel's stacks are kept beside ``target`` for the last two.
+    """
+    import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    # nbclient logs "Kernel died while waiting for execute reply." through papermill's logger: the one line below
+    # says it with the notebook and the cell
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)
+    stacks = target.with_suffix(".stacks.txt")  # the kernel's Python stacks, kept only when it hung or died
+    stacks.unlink(missing_ok=True)
+    manager = _local_kernel_manager(stacks)
+    watchdog = CellWatchdog(cell_timeout, lambda: manager.started[-1].process if manager.started else None, stacks)
+    try:
+        with watchdog:
+            papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(cwd),
+                                       kernel_name="python3", progress_bar=progress, log_output=False,
+                                       kernel_manager_class=manager,
+                                       # nbclient's own bound, a backstop behind the watchdog's
+                                       execution_timeout=cell_timeout + 60 if cell_timeout else None,
+                                       **watchdog.hooks())
+    except PapermillExecutionError as e:
+        first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
+        raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
+                            f"{e.evalue}; the executed notebook with the traceback is {target}") from None
+    except (CellTimeoutError, DeadKernelError):  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
+        raise WorkbookError(_kernel_failure(name, source, target, watchdog, stacks, cell_timeout)) from None
+    stacks.unlink(missing_ok=True)
+
+
+def _child_main(spec_file: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    try:
+        execute(spec["name"], Path(spec["source"]), Path(spec["target"]), spec["params"], Path(spec["cwd"]),
+                spec["cell_timeout"], spec["progress"])
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 -- one line for the parent to show
+        text = str(e) if isinstance(e, WorkbookError) else f"{spec['name']}.ipynb: {type(e).__name__}: {e}"
+        Path(spec["error_file"]).write_text(" ".join(text.split()))
+        return 1
+    return 0
 
 
 def _local_kernel_manager(stacks: Path):
@@ -463,3 +509,7 @@ def _export_html(notebook: Path, html: Path) -> None:
     with atomic_path(html) as tmp:
         tmp.write_text(body, encoding="utf-8")
 
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
