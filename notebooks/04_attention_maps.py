@@ -128,7 +128,9 @@ for name, entries in p3_entries.items():
 # state does not survive papermill or the HTML export, which is why the static figures above exist.
 
 # %%
-viz.attention_browser({f"{e['file_id']} / {name}": e for name, entries in p3_entries.items() for e in entries})
+# displayed once: the call shows it, and an assignment is not a cell value that Jupyter would show again
+browser = viz.attention_browser({f"{e['file_id']} / {name}": e for name, entries in p3_entries.items()
+                                 for e in entries})
 
 # %%
 summary["layer_shown"] = {name: str(entries[0]["layer"]) for name, entries in p3_entries.items()}

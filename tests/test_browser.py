@@ -3,7 +3,7 @@ Debian's chromium driven by Playwright. The notebook runs on the demo world, the
 changes the layer and the model, and checks that the drawn map changes each time (its pixels, not the widget's
 state). Screenshots go to outputs/browser_test/.
 
-CI installs chromium (.ci/run); anywhere else without it this test fails with the apt command to run. Set
+./run_tests.sh installs chromium; anywhere else without it this test fails with the apt command to run. Set
 HW3_SKIP_BROWSER_TEST=1 to leave it out on purpose.
 """
 from __future__ import annotations
