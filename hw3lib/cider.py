@@ -19,7 +19,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from .data import DataError, check_keys
-from .ptb import ptb_tokenize
+from .ptb import one_line, ptb_tokenize
 
 NO_JAVA = ("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
            "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)")
@@ -53,7 +53,8 @@ def java_ptb_tokenize(captions_for_image: dict) -> dict:
 
     jar = Path(ptbtokenizer.__file__).resolve().parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
     keys = [k for k, v in captions_for_image.items() for _ in range(len(v))]
-    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
+    # pycocoevalcap replaces only "\n": a "\r" (or \v, \f, U+2028, U+2029) would end a line too (one_line)
+    sentences = "\n".join(one_line(c["caption"]) for v in captions_for_image.values() for c in v)
     with tempfile.TemporaryDirectory(prefix="hw3-ptb-") as tmp:
         (Path(tmp) / "captions.txt").write_bytes(sentences.encode())
         done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",

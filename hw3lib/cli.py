@@ -456,6 +456,27 @@ def _one_line(e: BaseException) -> str:
     return text if known or isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
 
+def _out_of_memory(e: BaseException, args) -> str | None:
+    """For a GPU out-of-memory error: which setting to lower, with the value that was asked for (torch's own message
+    is four sentences about its allocator)."""
+    if type(e).__name__ != "OutOfMemoryError":
+        return None
+    import re
+
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
+    cap = os.environ.get("HW3_GPU_CAP_GIB")
+    where = f" (PyTorch capped at {cap} GiB)" if cap else ""
+    head = f"out of GPU memory{where}{': t' + asked.group(0)[1:] if asked else ''}"
+    batch = getattr(args, "batch_size", None)
+    smaller = f"--batch-size {max(1, batch // 2)}" if batch else "a smaller --batch-size"
+    advice = {"llava-caption": f"batch {batch} does not fit: try {smaller}, or --load-in-4bit (configs/hw3-12gb.yaml "
+                               "does both for a 12 GB card)",
+              "train": f"batch {batch} does not fit: try {smaller}, or a larger --pool (fewer visual tokens)",
+              "caption": f"batch {batch} does not fit: try {smaller}",
+              "evaluate": f"batch {batch} does not fit: try {smaller}"}.get(args.command, "use a smaller batch")
+    return f"{head}; {advice}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends as one line on stderr and exit status 2 (``HW3_DEBUG=1`` shows the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -488,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch, one process per GPU
         if rank == 0 or not isinstance(e, DataError):  # wrong input is the same for all: the main process says it
             where = f" (process {rank})" if rank else ""
-            print(f"hw3 {args.command}{where}: {_one_line(e)}", file=sys.stderr)
+            print(f"hw3 {args.command}{where}: {_out_of_memory(e, args) or _one_line(e)}", file=sys.stderr)
 
         # 1: a notebook failed (its executed copy holds the traceback); 2: wrong input, before or during the work
         return 1 if isinstance(e, WorkbookError) and not isinstance(e, ConfigError) else 2

@@ -22,6 +22,17 @@ _SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got
                 "lemme": ["lem", "me"], "gimme": ["gim", "me"]}
 _NORMALISE = str.maketrans({"“": " \" ", "”": " \" ", "‘": " ` ", "–": " -- ", "—": " -- ", "…": " ... ",
                             "½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"})
+# what Java's PTB tokenizer (-preserveLines) takes for the end of a line: in a caption, each would cut it in two and
+# pair every later caption with its neighbour's tokens
+_LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]+")
+
+
+def one_line(caption: str) -> str:
+    """``caption`` with every line break that the PTB tokenizer knows (``\\n``, ``\\r``, ``\\v``, ``\\f``, U+2028,
+    U+2029) replaced by a space: one caption stays one line, so it cannot shift the others."""
+    return _LINE_BREAKS.sub(" ", caption)
+
+
 _TOKEN = re.compile(r"""
     https?://\S+ | www\.\S+                                   # urls stay whole
   | 'n' | '\d+s(?=\W|$)                                          # rock 'n' roll, '90s
@@ -75,5 +86,5 @@ def ptb_tokenize_line(text: str) -> list[str]:
 def ptb_tokenize(captions_for_image: dict) -> dict:
     """Same input and output as ``pycocoevalcap``'s ``PTBTokenizer().tokenize``: ``{key: [{"caption": str}]}`` ->
     ``{key: [tokenised caption]}`` with punctuation removed."""
-    return {k: [" ".join(t for t in ptb_tokenize_line(c["caption"].replace("\n", " ")) if t not in PUNCTUATIONS)
+    return {k: [" ".join(t for t in ptb_tokenize_line(one_line(c["caption"])) if t not in PUNCTUATIONS)
                 for c in v] for k, v in captions_for_image.items()}

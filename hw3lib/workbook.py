@@ -263,11 +263,25 @@ def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell
                                        **watchdog.hooks())
     except PapermillExecutionError as e:
         first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
+        evalue = e.evalue
+        if e.ename == "OutOfMemoryError":  # torch's four sentences about its allocator, then what to lower
+            asked = re.search(r"Tried to allocate [\d.]+ \w+", e.evalue or "")
+            evalue = f"out of GPU memory{': t' + asked.group(0)[1:] if asked else ''}; {_OOM_ADVICE.get(name, '')}"
         raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
-                            f"{e.evalue}; the executed notebook with the traceback is {target}") from None
+                            f"{evalue}; the executed notebook with the traceback is {target}") from None
     except (CellTimeoutError, DeadKernelError):  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
         raise WorkbookError(_kernel_failure(name, source, target, watchdog, stacks, cell_timeout)) from None
     stacks.unlink(missing_ok=True)
+
+
+_OOM_ADVICE = {  # what to lower in each notebook, on a card too small for its config
+    "01_llava_prompts": "lower llava_batch_size (-p llava_batch_size 4), or take the config for a smaller card "
+                        "(configs/hw3-24gb.yaml, configs/hw3-12gb.yaml: LLaVA in 4-bit)",
+    "02_train_lora_captioner": "run it again with fewer captions per step (--only 02_train_lora_captioner -p "
+                               "batch_size 32), or pool the visual tokens (-p pool 2)",
+    "03_evaluate": "run it again with fewer images per call (--only 03_evaluate -p batch_size 16)",
+    "04_attention_maps": "load LLaVA in 4-bit (-p llava_load_in_4bit true; configs/hw3-12gb.yaml)",
+}
 
 
 def _child_main(spec_file: str) -> int:

@@ -37,3 +37,19 @@ def test_download_offline_says_so(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["download"]) == 1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_out_of_memory_says_which_setting_to_lower():
+    import argparse
+
+    from hw3lib.cli import _out_of_memory
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError, as the handler recognises it: by name
+        pass
+
+    e = OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB. GPU 0 has a total capacity of ...")
+    said = _out_of_memory(e, argparse.Namespace(command="llava-caption", batch_size=16))
+    assert said == ("out of GPU memory: tried to allocate 200.00 MiB; batch 16 does not fit: try --batch-size 8, or "
+                    "--load-in-4bit (configs/hw3-12gb.yaml does both for a 12 GB card)")
+    assert "--batch-size 32" in _out_of_memory(e, argparse.Namespace(command="train", batch_size=64))
+    assert _out_of_memory(ValueError("x"), argparse.Namespace(command="train")) is None

@@ -51,3 +51,25 @@ def test_java_runner_equals_pycocoevalcap_and_leaves_nothing_behind(tmp_path):
     assert java_ptb_tokenize(data) == PTBTokenizer().tokenize(data)
     java_ptb_tokenize(data)
     assert set(folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("tokenizer", ["java", "python"])
+def test_a_line_break_in_a_caption_shifts_no_other_caption(tokenizer):
+    """Java's PTB tokenizer (-preserveLines) ends a line at \\r, \\v, \\f, U+2028 and U+2029 as at \\n: one such
+    caption would become two lines and pair every later caption with its neighbour's tokens. Each becomes a space,
+    with Java as with the port, and the scores equal those of the caption with a space."""
+    if tokenizer == "java" and not java_available():
+        pytest.skip("needs java (pycocoevalcap's PTB tokenizer)")
+    from hw3lib.cider import cider, java_ptb_tokenize
+    from hw3lib.ptb import ptb_tokenize
+
+    tokenize = java_ptb_tokenize if tokenizer == "java" else ptb_tokenize
+    for brk in ["\n", "\r", "\r\n", "\v", "\f", "\u2028", "\u2029"]:
+        data = {"1": [{"caption": f"a red{brk}circle"}], "2": [{"caption": "a blue square"}]}
+        assert tokenize(data) == {"1": ["a red circle"], "2": ["a blue square"]}, repr(brk)
+    refs = {"1": ["a red circle", "a red ring"], "2": ["a blue square", "one blue box"],
+            "3": ["a green star", "a star"]}
+    plain = {"1": "a red circle", "2": "a blue square", "3": "a green star"}
+    broken = {**plain, "1": "a red\rcircle"}
+    if tokenizer == "java":
+        assert cider(broken, refs) == cider(plain, refs)

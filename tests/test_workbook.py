@@ -166,3 +166,14 @@ def test_card_configs_extend_the_80_gb_one(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\nprofile: x\n")
     with pytest.raises(wb.ConfigError, match="missing.yaml: cannot read the config"):
         WorkbookConfig.load(tmp_path / "c.yaml")
+
+
+def test_out_of_memory_in_a_notebook_says_what_to_lower(tmp_path):
+    raise_oom = ("import torch\nraise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 200.00 MiB. "
+                 "GPU 0 has a total capacity of 10.50 GiB of which 0 bytes is free. Of the allocated memory ...')")
+    config = _one_notebook_config(tmp_path, "01_llava_prompts", [(None, raise_oom)])
+    status, err, _ = _hw3_run(config)
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert ("01_llava_prompts.ipynb failed in cell [3] ('import torch'): OutOfMemoryError: out of GPU memory: tried "
+            "to allocate 200.00 MiB; lower llava_batch_size (-p llava_batch_size 4)") in err, err
+    assert "allocated memory" not in err
