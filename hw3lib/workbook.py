@@ -46,6 +46,7 @@ class WorkbookConfig:
     demo_world: bool = False  # build the shapes world and check the stand-ins before running
     cell_timeout: float | None = 1800  # seconds one cell may run before its kernel is stopped (None: no bound)
     notebooks_dir: Path | None = None  # where the notebooks are (None: the workbook's notebooks/)
+    overridden: set = field(default_factory=set)  # the names given with -p
 
     @staticmethod
     def _read(path: Path, seen: tuple = ()) -> dict:
@@ -98,7 +99,11 @@ class WorkbookConfig:
     def override(self, pairs: list) -> None:
         """``-p NAME VALUE`` pairs, typed as papermill's ``-p`` types them: int, float, True/False/None, else text."""
         for name, value in pairs:
+            if name == "output_dir":
+                raise ConfigError("-p output_dir: the output folder is the config's output_dir (copy the config, "
+                                  "or give -f one that extends it with another output_dir)")
             self.parameters[name] = _papermill_value(value)
+            self.overridden.add(name)
 
 
 def _papermill_value(value: str):
@@ -146,6 +151,33 @@ def notebook_path(name: str, folder: Path | None = None) -> Path:
     return (folder or ROOT / "notebooks") / f"{name}.ipynb"
 
 
+def _check_types(parameters: dict, declared: dict[str, dict]) -> None:
+    """Each value against the type its notebooks declare (``name: int = 3``), as :func:`hw3lib.params.check` will
+    inside the notebook, but for every notebook of the run before the first starts. A dict or a list given as text
+    (``-p llava_instructions '{"a": "Describe it."}'``) is read as YAML (JSON is YAML) and replaced by its value."""
+    import yaml
+
+    from .params import check
+
+    kinds = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
+    for nb, params in declared.items():
+        for name, info in params.items():
+            kind = kinds.get(info.get("inferred_type_name"))
+            if name not in parameters or kind is None or name == "output_dir":
+                continue
+            value = parameters[name]
+            if kind in (dict, list) and isinstance(value, str):
+                try:
+                    value = parameters[name] = yaml.safe_load(value)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"parameter {name!r} ({nb}): {kind.__name__} expected, and the text is not "
+                                      f"YAML/JSON ({str(e).splitlines()[0]})") from None
+            try:
+                parameters[name] = check(name, kind, value)
+            except TypeError as e:
+                raise ConfigError(f"{e} (declared by {nb})") from None
+
+
 def _declared(nb: Path) -> dict:
     import papermill
 
@@ -164,10 +196,15 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
     missing = [str(path) for path in source.values() if not path.is_file()]
     if missing:
         raise ConfigError(f"notebooks not found: {missing}")
-    declared = {n: _declared(source[n]) for n in names}
-    unknown = sorted(set(config.parameters) - {p for d in declared.values() for p in d})
-    if unknown and not only:
-        raise ConfigError(f"parameters {unknown} are declared by none of the notebooks {names}")
+    every = {n: notebook_path(n, config.notebooks_dir) for n in config.notebooks}  # --only: the others' too
+    declared_all = {n: _declared(path) for n, path in every.items() if path.is_file()}
+    declared = {n: declared_all[n] for n in names}
+    known = {p for d in (declared_all if only else declared).values() for p in d}
+    unknown = sorted((config.overridden if only else set(config.parameters)) - known)
+    if unknown:
+        raise ConfigError(f"parameters {unknown} are declared by none of the notebooks "
+                          f"{sorted(declared_all) if only else names}")
+    _check_types(config.parameters, declared)  # every notebook's, before the first one starts
     if config.demo_world:
         from .demo import ensure_demo_data
 

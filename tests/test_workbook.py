@@ -177,3 +177,34 @@ def test_out_of_memory_in_a_notebook_says_what_to_lower(tmp_path):
     assert ("01_llava_prompts.ipynb failed in cell [3] ('import torch'): OutOfMemoryError: out of GPU memory: tried "
             "to allocate 200.00 MiB; lower llava_batch_size (-p llava_batch_size 4)") in err, err
     assert "allocated memory" not in err
+
+
+def test_every_notebooks_parameters_are_checked_before_the_first_starts(fake_root):
+    _notebook(fake_root / "notebooks/03_typed.ipynb", [
+        ("parameters", "count: int = 1\nnames: dict = {}\noutput_dir: str = 'x'"),
+        (None, "from hw3lib.report import save_metrics\nsave_metrics(output_dir, 'typed', {'names': names})"),
+    ])
+    out = fake_root / "out"
+    cfg = WorkbookConfig(profile="t", output_dir=out, notebooks=["01_ok", "03_typed"])
+    cfg.override([["count", "abc"]])
+    with pytest.raises(wb.ConfigError, match=r"parameter 'count' must be int, got 'abc' \(str\) \(declared by "
+                                             r"03_typed\)"):
+        wb.run(cfg, html=False, log=lambda *_: None)
+    assert not (out / "01_ok.ipynb").exists()  # nothing ran: 01 comes first and would have run
+    cfg = WorkbookConfig(profile="t", output_dir=out, notebooks=["01_ok", "03_typed"])
+    cfg.override([["names", '{"detailed": "Describe the image in detail."}'], ["count", "2"]])
+    merged = wb.run(cfg, html=False, only=["03_typed"], log=lambda *_: None)  # a dict from the command line
+    assert merged["typed"] == {"names": {"detailed": "Describe the image in detail."}}
+    cfg.override([["names", "[1, 2"]])
+    with pytest.raises(wb.ConfigError, match="parameter 'names' .*dict expected, and the text is not YAML"):
+        wb.run(cfg, html=False, only=["03_typed"], log=lambda *_: None)
+
+
+def test_a_misspelt_override_is_an_error_with_only_too(fake_root):
+    cfg = WorkbookConfig(profile="t", output_dir=fake_root / "out", notebooks=["01_ok", "02_fails"],
+                         parameters={"value": 1})
+    cfg.override([["valeu", "3"]])
+    with pytest.raises(wb.ConfigError, match=r"parameters \['valeu'\] are declared by none of the notebooks"):
+        wb.run(cfg, html=False, only=["02_fails"], log=lambda *_: None)
+    with pytest.raises(wb.ConfigError, match="-p output_dir: the output folder is the config's output_dir"):
+        cfg.override([["output_dir", "elsewhere"]])
