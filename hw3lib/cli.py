@@ -320,6 +320,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the P2 LoRA captioner on a hw3_data root")
     if want("train"):
         from .captioner import CaptionerConfig, EncoderConfig
+        from .decoder import LORA_TARGETS
         from .train import TrainConfig
 
         enc, cap, tc = EncoderConfig(), CaptionerConfig(), TrainConfig()
@@ -339,7 +340,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         t.add_argument("--lora-alpha", type=POSITIVE, default=cap.lora.alpha)
         t.add_argument("--lora-dropout", type=DROPOUT, default=cap.lora.dropout, help="in [0, 1)")
         t.add_argument("--lora-targets", nargs="+", default=list(cap.lora.targets),
-                       choices=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"])
+                       choices=LORA_TARGETS)
         t.add_argument("--epochs", type=POSITIVE, default=tc.num_epochs)
         t.add_argument("--batch-size", type=POSITIVE, default=tc.batch_size)
         t.add_argument("--lr", type=LEARNING_RATE, default=tc.lr)

@@ -35,6 +35,9 @@ class DecoderConfig:
     dropout: float = 0.0  # GPT-2 was trained with 0.1; the frozen decoder runs without
 
 
+LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head")  # the linears that can take LoRA
+
+
 @dataclass
 class LoraConfig:
     r: int = 0  # rank; 0 = no LoRA
@@ -43,6 +46,11 @@ class LoraConfig:
     # which linears get LoRA: "c_attn" (q, v), "attn.c_proj", "c_fc", "mlp.c_proj", "lm_head"
     targets: tuple[str, ...] = ("c_attn",)
     c_attn_qkv: tuple[bool, bool, bool] = (True, False, True)  # q, k, v parts of the fused c_attn (the paper's q, v)
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:  # a misspelt layer would silently get no LoRA
+            raise ValueError(f"LoRA targets {unknown} match no layer of the decoder; known: {', '.join(LORA_TARGETS)}")
 
     @staticmethod
     def parse_targets(text: str) -> tuple[str, ...]:

@@ -68,6 +68,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+REPLACE = "hw3 train --overwrite (notebook 02: -p overwrite true)"
 _FEATURES: dict = {}  # (records and encoder config, encoder) -> features: the variants of notebook 02 reuse them
 
 
@@ -164,8 +165,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     state = torch.load(last, map_location="cpu", weights_only=False) if resume and last.is_file() else None
     if state is not None and state.get("run_key") != key:
         if not overwrite:
-            raise DataError(f"{out_dir}: holds a run of another configuration or data; pass overwrite=True "
-                            "(hw3 train --overwrite) to replace it, or choose another output folder")
+            raise DataError(f"{out_dir}: holds a run of another configuration or data; to replace it, {REPLACE}; "
+                            "or choose another output folder")
         log(f"{last} belongs to a run with another configuration or data: starting over")
         state = None
     if state is not None:
@@ -343,8 +344,8 @@ def check_run_folder(out_dir: str | Path, model_cfg, cfg: TrainConfig, train_rec
                         ) from None
     if not isinstance(state, dict) or state.get("run_key") != run_key(model_cfg, cfg, train_records, val_records,
                                                                        gen):
-        raise DataError(f"{out_dir}: holds a run of another configuration or data (its last.pt); pass --overwrite "
-                        "to replace it, or choose another --out")
+        raise DataError(f"{out_dir}: holds a run of another configuration or data (its last.pt); to replace it, "
+                        f"{REPLACE}; or choose another output folder")
 
 
 @contextlib.contextmanager

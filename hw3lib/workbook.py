@@ -176,6 +176,13 @@ def _check_types(parameters: dict, declared: dict[str, dict]) -> None:
                 parameters[name] = check(name, kind, value)
             except TypeError as e:
                 raise ConfigError(f"{e} (declared by {nb})") from None
+            if name.endswith("lora_targets"):  # a misspelt layer would train without LoRA there
+                from .decoder import LoraConfig
+
+                try:
+                    LoraConfig(targets=LoraConfig.parse_targets(parameters[name]))
+                except ValueError as e:
+                    raise ConfigError(f"parameter {name!r}: {e}") from None
 
 
 def _declared(nb: Path) -> dict:

@@ -34,6 +34,7 @@ clip_model: str = "data/demo/models/clip"  # CLIP for validation CLIPScore: open
 clip_pretrained: str = ""  # open_clip tag ("openai") or file; "" for a folder
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 seed: int = 0  # initialisation, data order
+overwrite: bool = False  # replace a run of another configuration in output_dir/p2/ (else that is an error)
 
 # %%
 from dataclasses import replace
@@ -132,7 +133,7 @@ print("mean norms: " + ", ".join(f"{k} {float(v.mean()):.2f}" for k, v in norms.
 # %%
 clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None)) if P.clip_model else None
 result = train(model, encoder_model, transform, train_records, val_records, train_cfg, out / "p2/main", gen,
-               clip=clip, overwrite=True)
+               clip=clip, overwrite=P.overwrite)
 fig = viz.training_curves(result.history, title=f"LoRA r={P.lora_r} on {P.lora_targets}")
 fig.savefig(out / "figures/02_training_curves.png", dpi=110)
 plt.show()
@@ -156,7 +157,7 @@ for i, (name, v_cfg) in enumerate(variant_configs(cfg, P.variant_lora_r,
     v_model, _, _ = build(v_cfg, with_encoder=False, encoder_dim=encoder_model.num_features, seed=P.seed)
     v_result = train(v_model, encoder_model, transform, train_records, val_records,
                      replace(train_cfg, num_epochs=P.variant_epochs), out / f"p2/variant{i}", gen,
-                     clip=clip, overwrite=True)
+                     clip=clip, overwrite=P.overwrite)
     runs[name] = (v_cfg, v_result, count_check(v_model))
 rows = variant_rows(runs, at=min(P.variant_epochs, P.num_epochs))
 display(Markdown(viz.markdown_table(rows)))

@@ -155,6 +155,17 @@ CASES = [
     ("run-parameter-half", "run -f {s}/ok.yaml -p data_root", 2, ["-p", "expected 2 arguments"]),
     ("run-parameter-unknown", "run -f {s}/ok.yaml -p dat_root x", 2, ["dat_root", "declared by none"]),
     ("run-nested-parameters", "run -f {s}/nested.yaml", 2, ["nested.yaml", "flat"]),
+    # the whole demo list: every parameter is checked before the first notebook starts
+    ("run-lora-target-misspelt", "run -f {s}/all.yaml --only 02_train_lora_captioner -p lora_targets c_atn,c_fc", 2,
+     ["'lora_targets'", "['c_atn'] match no layer", "c_attn"]),
+    ("run-type-before-any-notebook", "run -f {s}/all.yaml -p llava_num_images abc", 2,
+     ["'llava_num_images' must be int", "'abc'", "01_llava_prompts"]),
+    ("run-misspelt-with-only", "run -f {s}/all.yaml --only 00_shapes_world -p attenton_layer mean", 2,
+     ["attenton_layer", "declared by none"]),
+    ("run-output-dir-parameter", "run -f {s}/all.yaml -p output_dir {s}/elsewhere", 2,
+     ["-p output_dir", "config's output_dir"]),
+    ("run-cell-timeout-text", "run -f {s}/all.yaml --cell-timeout soon", 2, ["--cell-timeout", "expected a number"]),
+    ("run-gpu-cap-zero", "run -f {s}/all.yaml --gpu-cap 0", 2, ["--gpu-cap", "must lie in"]),
     # ---------------------------------------------------------------------------------------------- others
     ("demo-data-rebuild-bogus", "demo-data --rebuild bogus", 2, ["--rebuild", "bogus"]),
     ("download-config-missing", "download -f {s}/none.yaml", 2, ["none.yaml"]),
@@ -238,7 +249,9 @@ def sandbox(tmp_path_factory, world):
     for name, cfg in (("ok", ok), ("no_notebooks", {**ok, "notebooks": []}),
                       ("string_notebooks", {**ok, "notebooks": "00_shapes_world"}),
                       ("unwritable", {**ok, "output_dir": UNWRITABLE + "/out"}),
-                      ("nested", {**ok, "parameters": {"a": {"b": 1}}})):
+                      ("nested", {**ok, "parameters": {"a": {"b": 1}}}),
+                      ("all", {**yaml.safe_load((ROOT / "configs/demo.yaml").read_text()), "demo_world": False,
+                               "output_dir": str(s / "out_all")})):
         _write(s / f"{name}.yaml", yaml.safe_dump(cfg))
     env = {**os.environ, "HF_HOME": str(s / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # a finished run (and its adapter) for the cases that need one
