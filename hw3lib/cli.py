@@ -498,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
 
             apply_gpu_cap()
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"hw3 {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"hw3 {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 -- a user sees one line; developers set HW3_DEBUG=1
         if os.environ.get("HW3_DEBUG"):

@@ -33,6 +33,10 @@ class WorkbookError(RuntimeError):
     """A notebook failed or the config is wrong; the message names the notebook and the cell."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message says which notebook stopped and how to go on."""
+
+
 class ConfigError(WorkbookError):
     """The config (or a command-line override) is wrong: found before any notebook runs."""
 
@@ -235,8 +239,13 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         peak_file = out / "metrics" / f".cuda_peak_{name}.json"
         peak_file.unlink(missing_ok=True)
         os.environ[CUDA_PEAK_ENV] = str(peak_file)  # the kernel inherits it; report.save_metrics writes there
-        with PeakMemory() as peak:
-            execute_in_child(name, source[name], target, params, ROOT, config.cell_timeout, progress)
+        try:
+            with PeakMemory() as peak:
+                execute_in_child(name, source[name], target, params, ROOT, config.cell_timeout, progress)
+        except KeyboardInterrupt:
+            rest = names[names.index(name):]
+            raise Interrupted(f"{name} stopped; its executed cells are in {target.with_suffix('.interrupted.ipynb')}"
+                              f"; to go on: hw3 run -f CONFIG --only {' '.join(dict.fromkeys(rest))}") from None
         cost = {"seconds": round(time.time() - t0, 1), **peak.as_dict(), "device": device}
         if peak_file.is_file():  # PyTorch's own peaks inside the kernel
             torch_peak = json.loads(peak_file.read_text())
@@ -268,16 +277,34 @@ def execute_in_child(name: str, source: Path, target: Path, params: dict, cwd: P
         child = subprocess.Popen([sys.executable, "-m", "hw3lib.workbook", str(spec_file)], cwd=str(cwd))
         try:
             status = child.wait()  # bounded: the child bounds every cell (cell_timeout) and the kernel's start
-        except BaseException:  # Ctrl-C reaches the child too; give it a moment to stop its kernel, then stop it
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=10)
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        except BaseException:  # Ctrl-C: the child stops its kernel (papermill's clean-up); what is left is killed
+            _stop_child(child)
+            if target.is_file():  # a notebook run part of the way is not left under the name of a finished one
+                target.replace(target.with_suffix(".interrupted.ipynb"))
             raise
         if status != 0:
             message = result.read_text().strip() if result.is_file() else ""
             raise WorkbookError(message or f"{name}.ipynb: its runner process ended with status {status}")
+
+
+def _stop_child(child: subprocess.Popen, grace: float = 10.0) -> None:
+    """Ask ``child`` to stop as Ctrl-C does (SIGINT: papermill shuts its kernel down), wait ``grace`` seconds, then
+    kill it and whatever of its process tree is left (the kernel, DataLoader workers)."""
+    import psutil
+
+    try:
+        family = psutil.Process(child.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    if child.poll() is None:
+        with contextlib.suppress(OSError):
+            child.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
+    for p in [*family, psutil.Process(child.pid)] if child.poll() is None else family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    child.wait()
 
 
 def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell_timeout: float | None,

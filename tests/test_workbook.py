@@ -208,3 +208,34 @@ def test_a_misspelt_override_is_an_error_with_only_too(fake_root):
         wb.run(cfg, html=False, only=["02_fails"], log=lambda *_: None)
     with pytest.raises(wb.ConfigError, match="-p output_dir: the output folder is the config's output_dir"):
         cfg.override([["output_dir", "elsewhere"]])
+
+
+def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config = _one_notebook_config(tmp_path, "hangs", [(None, "import time\ntime.sleep(600)")])
+    run = subprocess.Popen([sys.executable, "-m", "hw3lib", "run", "-f", str(config), "--no-html"],
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    kernels = []
+    while time.monotonic() < deadline and not kernels:  # until the kernel runs the cell
+        time.sleep(1)
+        kernels = [p for p in psutil.Process(run.pid).children(recursive=True)
+                   if "hw3lib.kernel" in " ".join(p.cmdline())]
+    assert kernels, "no kernel started"
+    time.sleep(3)
+    t0 = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 130 and time.monotonic() - t0 < 30, (run.returncode, err)
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("hw3 run:")]
+    assert said == [f"hw3 run: interrupted: hangs stopped; its executed cells are in {tmp_path}/out/"
+                    f"hangs.interrupted.ipynb; to go on: hw3 run -f CONFIG --only hangs"], err
+    assert (tmp_path / "out/hangs.interrupted.ipynb").is_file() and not (tmp_path / "out/hangs.ipynb").exists()
+    time.sleep(1)
+    assert not [k for k in kernels if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
