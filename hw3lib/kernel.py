@@ -15,6 +15,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -60,12 +61,27 @@ def installed() -> Path | None:
     return Path(found.resource_dir) if found.argv[:1] == [sys.executable] else None
 
 
+def clean_on_save(model: dict, path: str, **_) -> None:
+    """JupyterLab's pre-save hook under ``hw3 lab``: the workbook's own notebooks (``notebooks/NN_name.ipynb``) are
+    saved as they are committed, without outputs, execution counts or widget state, so that autosave never dirties
+    the repository. The outputs stay on screen; ``hw3 run`` writes executed copies to ``outputs/``. Other notebooks
+    (your own, copies) are saved as they are."""
+    if model.get("type") != "notebook" or not re.fullmatch(r"notebooks/\d\d_[^/]+\.ipynb", path.lstrip("/")):
+        return
+    nb = model["content"]
+    nb.get("metadata", {}).pop("widgets", None)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+        cell.get("metadata", {}).pop("execution", None)
+
+
 def lab(port: int | None, open_browser: bool, extra: list[str]) -> None:
     """Replace this process with JupyterLab on 127.0.0.1 (token login), rooted at the workbook, notebooks open."""
     if installed() is None:
         install(user=False)
     argv = [sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={ROOT}",
-            "--LabApp.default_url=/lab/tree/notebooks"]
+            "--LabApp.default_url=/lab/tree/notebooks", "--ContentsManager.pre_save_hook=hw3lib.kernel.clean_on_save"]
     argv += [f"--ServerApp.port={port}"] if port else []
     argv += [] if open_browser else ["--no-browser"]
     argv += ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # containers run as root

@@ -239,3 +239,32 @@ def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path):
     assert (tmp_path / "out/hangs.interrupted.ipynb").is_file() and not (tmp_path / "out/hangs.ipynb").exists()
     time.sleep(1)
     assert not [k for k in kernels if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_jupyterlab_saves_the_workbooks_notebooks_clean(tmp_path):
+    """hw3 lab's pre-save hook, through the server's own contents manager: autosave of notebooks/NN_name.ipynb
+    keeps no outputs (the repository stays clean); any other notebook is saved as it is."""
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+
+    from hw3lib.kernel import clean_on_save
+
+    (tmp_path / "notebooks").mkdir()
+    cm = FileContentsManager(root_dir=str(tmp_path))
+    cm.pre_save_hook = clean_on_save
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("1 + 1", execution_count=3,
+                                     outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"},
+                                                                     execution_count=3)])
+    nb.cells.append(cell)
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    for path in ("notebooks/04_attention_maps.ipynb", "notebooks/mine.ipynb"):
+        cm.save({"type": "notebook", "format": "json", "content": json.loads(json.dumps(nb))}, path)
+    clean = nbformat.read(str(tmp_path / "notebooks/04_attention_maps.ipynb"), as_version=4)
+    kept = nbformat.read(str(tmp_path / "notebooks/mine.ipynb"), as_version=4)
+    assert clean.cells[0].outputs == [] and clean.cells[0].execution_count is None and "widgets" not in clean.metadata
+    assert kept.cells[0].outputs and kept.cells[0].execution_count == 3
+    import inspect
+
+    from hw3lib import kernel
+
+    assert "pre_save_hook=hw3lib.kernel.clean_on_save" in inspect.getsource(kernel.lab)
