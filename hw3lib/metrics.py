@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ class ClipConfig:
     # the course's evaluate.py loads CLIP with clip.load, which runs fp16 on a GPU and fp32 on the CPU; "auto" does
     # the same ("fp32" / "fp16" force one). docs/benchmarks.md has the measured difference of the mean.
     precision: str = "auto"
+
+
+_END_OF_TEXT = re.compile(re.escape("<|endoftext|>"), re.IGNORECASE)
 
 
 class ClipScorer:
@@ -146,7 +151,12 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_texts(self, captions: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings, (N, D); captions longer than the context are truncated (as clip does)."""
+        """L2-normalised text embeddings, (N, D); captions longer than the context are truncated (as clip does).
+
+        A caption that holds ``<|endoftext|>`` ends there, as in the course's ``clip.tokenize``: OpenAI's tokenizer
+        reads it (in any case) as the end token, whose position the text embedding is read at, while open_clip's
+        spells it out as text. The words before it are encoded alike, so the embeddings are the same."""
+        captions = [_END_OF_TEXT.split(c, maxsplit=1)[0] for c in captions]
         out = []
         for i in range(0, len(captions), self.cfg.batch_size):
             ids = self.tokenizer(captions[i : i + self.cfg.batch_size]).to(self.device)

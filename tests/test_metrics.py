@@ -144,3 +144,15 @@ def test_cider_in_background_equals_cider(val):
     assert cider_module.cider_in_background(pred, refs).result() == cider(pred, refs)
     with pytest.raises(DataError, match="missing"):
         cider_module.cider_in_background({"x": "y"}, refs)
+
+
+def test_a_caption_ends_at_end_of_text_as_in_the_courses_clip(clip_scorer):
+    """OpenAI's clip.tokenize (the course's) reads "<|endoftext|>" in a caption as the end token, where the text
+    embedding is taken: the caption ends there. open_clip's tokenizer spells it out as text."""
+    import torch
+
+    cut, plain = clip_scorer.embed_texts(["a red circle <|endoftext|> and a blue square", "a red circle"])
+    upper = clip_scorer.embed_texts(["a red circle <|ENDOFTEXT|>"])[0]
+    assert torch.allclose(cut, plain, atol=1e-6) and torch.allclose(upper, plain, atol=1e-6)
+    spelt = clip_scorer.model.encode_text(clip_scorer.tokenizer(["a red circle <|endoftext|> and a blue square"]))
+    assert not torch.allclose(torch.nn.functional.normalize(spelt.float(), dim=-1)[0], plain, atol=1e-3)
