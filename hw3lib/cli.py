@@ -50,6 +50,42 @@ def _in_range(low: float, high: float, low_open: bool, high_open: bool):
 
 
 POSITIVE, COUNT = _at_least(1), _at_least(0)
+
+
+def _port(text: str) -> int:
+    value = POSITIVE(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def _instruction(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the instruction is empty: LLaVA would answer nothing in particular")
+    return text
+
+
+def _check_device(device: str | None, load_in_4bit: bool = False) -> None:
+    """Before any loading (25-35 s for LLaVA): a device this machine has, and bitsandbytes for 4-bit."""
+    import torch
+
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"--device {device}: not a device name (cuda, cuda:1, cpu)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use")
+        if kind not in ("cuda", "cpu"):
+            raise ValueError(f"--device {device}: the workbook runs on cuda or cpu")
+    if load_in_4bit:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--load-in-4bit needs bitsandbytes: pip install -e \".[gpu]\" "
+                             "(or pip install bitsandbytes)")
+        if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+            raise ValueError("--load-in-4bit runs on a CUDA GPU only (bitsandbytes' 4-bit layers)")
 TOP_P = _in_range(0.0, 1.0, low_open=True, high_open=False)
 DROPOUT = _in_range(0.0, 1.0, low_open=False, high_open=True)
 TEMPERATURE = _in_range(0.0, float("inf"), low_open=False, high_open=True)
@@ -178,6 +214,8 @@ def _cmd_llava_caption(args) -> int:
                           repetition_penalty=args.repetition_penalty, seed=args.seed, cache=args.cache)
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)
+    if not args.random_weights:
+        _check_device(args.device, args.load_in_4bit)
     if args.deterministic:  # before the first CUDA kernel: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         import torch
@@ -383,7 +421,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
         v.add_argument("--processor", default=None, help="with --random-weights: a local LLaVA folder whose processor "
                        "drives the random 7B (default: --model)")
-        v.add_argument("--prompt", default=DEFAULT_INSTRUCTION, help="the instruction")
+        v.add_argument("--prompt", type=_instruction, default=DEFAULT_INSTRUCTION, help="the instruction")
         v.add_argument("--num-beams", type=POSITIVE, default=lg.num_beams)
         v.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
         v.add_argument("--top-p", type=TOP_P, default=lg.top_p, help="in (0, 1]")
@@ -431,7 +469,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     w.set_defaults(func=_cmd_download)
 
     j = sub.add_parser("lab", help="open the workbook in JupyterLab (127.0.0.1 only, token login)")
-    j.add_argument("--port", type=POSITIVE, help="port to listen on (default: Jupyter's, 8888 or the next free one)")
+    j.add_argument("--port", type=_port, help="port to listen on (default: Jupyter's, 8888 or the next free one)")
     j.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
     j.add_argument("jupyter_args", nargs=argparse.REMAINDER, metavar="-- JUPYTER_ARGS",
                    help="anything after -- goes to `jupyter lab` as it is")

@@ -35,10 +35,20 @@ class Record:
     references: tuple[str, ...]  # the reference captions (empty for an unlabelled folder)
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:  # json would keep the last one silently
+            raise ValueError(f"the key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
 def read_json(path: str | Path):
+    """A JSON file (UTF-8, with or without a byte-order mark); a key that appears twice in an object is an error."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -47,6 +57,8 @@ def read_json(path: str | Path):
         raise DataError(f"{path}: not readable (permission denied)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:
+        raise DataError(f"{path}: {e}; each key may appear once") from None
 
 
 def load_annotations(path: str | Path) -> dict[str, list[str]]:

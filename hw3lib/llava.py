@@ -52,6 +52,11 @@ class LlavaGeneration:
     def __post_init__(self):
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {self.cache!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) is more than max_new_tokens "
+                             f"({self.max_new_tokens}): no answer could satisfy both")
+        if self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaGeneration":

@@ -83,7 +83,13 @@ class WorkbookConfig:
             raise ConfigError(f"{path}: a config is a mapping with 'profile' and any of "
                               f"{sorted(allowed | {'extends'})}; "
                               f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+        if not isinstance(raw["profile"], str) or not raw["profile"].strip():
+            raise ConfigError(f"{path}: 'profile' must be a name (demo, hw3, ...), got {raw['profile']!r}")
+        if "output_dir" in raw and (not isinstance(raw["output_dir"], str) or not raw["output_dir"].strip()):
+            raise ConfigError(f"{path}: 'output_dir' must be a folder path, got {raw['output_dir']!r}")
         params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: 'parameters' must be a mapping of name: value, got {type(params).__name__}")
         bad = {k: type(v).__name__ for k, v in params.items() if not isinstance(v, (str, int, float, bool, type(None)))}
         if bad:
             raise ConfigError(f"{path}: parameters must be flat primitives (str, int, float, bool, null); {bad}")

@@ -155,6 +155,22 @@ CASES = [
     ("run-parameter-half", "run -f {s}/ok.yaml -p data_root", 2, ["-p", "expected 2 arguments"]),
     ("run-parameter-unknown", "run -f {s}/ok.yaml -p dat_root x", 2, ["dat_root", "declared by none"]),
     ("run-nested-parameters", "run -f {s}/nested.yaml", 2, ["nested.yaml", "flat"]),
+    ("run-parameters-a-list", "run -f {s}/params_list.yaml", 2, ["params_list.yaml", "'parameters' must be a mapping"]),
+    ("run-output-dir-null", "run -f {s}/output_null.yaml", 2, ["output_null.yaml", "'output_dir' must be a folder"]),
+    ("run-profile-a-number", "run -f {s}/profile_3.yaml", 2, ["profile_3.yaml", "'profile' must be a name"]),
+    ("llava-device-tpu", "llava-caption {val_images} {s}/o.json {llava} --device tpu", 2,
+     ["--device tpu", "not a device name"]),
+    ("llava-4bit-on-cpu", "llava-caption {val_images} {s}/o.json {llava} --load-in-4bit", 2, ["--load-in-4bit"]),
+    ("llava-empty-prompt", "llava-caption {val_images} {s}/o.json {llava} --prompt ''", 2,
+     ["--prompt", "instruction is empty"]),
+    ("llava-min-above-max", "llava-caption {val_images} {s}/o.json {llava} --min-new-tokens 50 --max-new-tokens 5",
+     2, ["min_new_tokens (50) is more than max_new_tokens (5)"]),
+    ("llava-length-penalty-nan", "llava-caption {val_images} {s}/o.json {llava} --length-penalty nan", 2,
+     ["length_penalty must be a finite number"]),
+    ("lab-port-too-large", "lab --port 99999", 2, ["--port", "at most 65535"]),
+    ("eval-pred-duplicate-key", "evaluate --pred {s}/duplicate.json --annotation {ann} --images {val_images} {clip}",
+     2, ["duplicate.json", "appears twice"]),
+    ("eval-pred-with-bom", "evaluate --pred {s}/bom.json --annotation {ann} --images {val_images} {clip}", 0, []),
     # the whole demo list: every parameter is checked before the first notebook starts
     ("run-lora-target-misspelt", "run -f {s}/all.yaml --only 02_train_lora_captioner -p lora_targets c_atn,c_fc", 2,
      ["'lora_targets'", "['c_atn'] match no layer", "c_attn"]),
@@ -206,6 +222,8 @@ def sandbox(tmp_path_factory, world):
                        f"--max-new-tokens 5 --eval-images 2"}
     p["pred"] = _write(s / "pred.json", {n: "a red circle" for n in names})
     _write(s / "garbage.json", "{not json")
+    (s / "duplicate.json").write_text("{" + ", ".join(f'"{n}": "a red circle"' for n in names + names[:1]) + "}")
+    (s / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({n: "a red circle" for n in names}).encode())
     _write(s / "list.json", ["a", "b"])
     _write(s / "numbers.json", {n: 3 for n in names})
     _write(s / "wrong_keys.json", {"000000000001": "a red circle"})
@@ -250,6 +268,8 @@ def sandbox(tmp_path_factory, world):
                       ("string_notebooks", {**ok, "notebooks": "00_shapes_world"}),
                       ("unwritable", {**ok, "output_dir": UNWRITABLE + "/out"}),
                       ("nested", {**ok, "parameters": {"a": {"b": 1}}}),
+                      ("params_list", {**ok, "parameters": [1, 2]}), ("output_null", {**ok, "output_dir": None}),
+                      ("profile_3", {**ok, "profile": 3}),
                       ("all", {**yaml.safe_load((ROOT / "configs/demo.yaml").read_text()), "demo_world": False,
                                "output_dir": str(s / "out_all")})):
         _write(s / f"{name}.yaml", yaml.safe_dump(cfg))
