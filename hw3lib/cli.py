@@ -205,7 +205,7 @@ def _cmd_caption(args) -> int:
 def _cmd_llava_caption(args) -> int:
     from .data import check_output_file, list_images
     from .distributed import setup
-    from .llava import LlavaGeneration, caption_folder, load_llava, use_fast_kernels
+    from .llava import LlavaGeneration, _device_of, caption_folder, load_llava, use_fast_kernels
 
     gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
                           temperature=args.temperature or 1.0, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -229,6 +229,9 @@ def _cmd_llava_caption(args) -> int:
         model, processor = random_llava(args.processor or args.model, device=str(device or "cuda"))
     else:
         model, processor = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    if args.cache == "static+graphs" and _device_of(model).type != "cuda":
+        print("--cache static+graphs: CUDA graphs need a GPU; on the CPU the same steps run one by one",
+              file=sys.stderr)
     if args.liger and not use_fast_kernels(model):
         print("--liger: liger-kernel is not installed (pip install liger-kernel), the model is not on a GPU or "
               "is 4-bit; captioning with PyTorch's kernels", file=sys.stderr)

@@ -260,8 +260,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError for broken files
-        raise ValueError(f"{path}: cannot read the decoder checkpoint (truncated or not a torch.save file): "
-                         f"{type(e).__name__}: {e}") from None
+        # torch's own text for a file it cannot unpickle is a paragraph advising weights_only=False (arbitrary code
+        # execution): wrong advice for a broken file; its first sentence is enough
+        first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+        if "Weights only load failed" in first:
+            first = "not a torch.save file of tensors"
+        raise ValueError(f"{path}: cannot read the decoder checkpoint (truncated or not a torch.save file; the "
+                         f"course's is 500 MB): {type(e).__name__}: {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

@@ -386,6 +386,12 @@ class CaptionRun:
     settings: dict = field(default_factory=dict)
 
 
+def _same_spelling(model_name: str) -> str:
+    """A local folder by its absolute path (``./data/demo/models/llava/`` and ``data/demo/models/llava`` are one
+    model, so a resumed run keeps its finished captions); a hub id as it is."""
+    return str(Path(model_name).resolve()) if model_name and Path(model_name).is_dir() else model_name
+
+
 def _read_partial(path: Path, settings: dict) -> dict[str, str]:
     """Captions of an interrupted run with the same settings; a torn last line is dropped."""
     if not path.is_file():
@@ -433,7 +439,7 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
     d = current()
     records = list_images(images) if isinstance(images, (str, Path)) else list(images)
     out_json = Path(out_json)
-    settings = {"model": model_name, "instruction": instruction, "generation": asdict(generation),
+    settings = {"model": _same_spelling(model_name), "instruction": instruction, "generation": asdict(generation),
                 "first_sentence": first_sentence}
     done = None
     if d.main:  # only the main process reads (and, for other settings, deletes) what an interrupted run left
@@ -608,7 +614,7 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
     for iname, instruction in instructions.items():
         for gname, gen in generations.items():
             stem = out_dir / f"{_slug(iname)}__{_slug(gname)}"
-            settings = {"model": model_name, "instruction": instruction, "generation": asdict(gen),
+            settings = {"model": _same_spelling(model_name), "instruction": instruction, "generation": asdict(gen),
                         "first_sentence": first_sentence, "images": [r.file_id for r in records]}
             plan.append((iname, instruction, gname, gen, stem.with_suffix(".json"), stem.with_suffix(".row.json"),
                          settings))

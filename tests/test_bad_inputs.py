@@ -168,6 +168,8 @@ CASES = [
     ("llava-length-penalty-nan", "llava-caption {val_images} {s}/o.json {llava} --length-penalty nan", 2,
      ["length_penalty must be a finite number"]),
     ("lab-port-too-large", "lab --port 99999", 2, ["--port", "at most 65535"]),
+    ("caption-decoder-garbage", "caption {val_images} {s}/out.json {s}/garbage.json --adapter {adapter}", 2,
+     ["garbage.json", "cannot read the decoder checkpoint", "not a torch.save file of tensors"]),
     ("eval-pred-duplicate-key", "evaluate --pred {s}/duplicate.json --annotation {ann} --images {val_images} {clip}",
      2, ["duplicate.json", "appears twice"]),
     ("eval-pred-with-bom", "evaluate --pred {s}/bom.json --annotation {ann} --images {val_images} {clip}", 0, []),

@@ -300,3 +300,21 @@ def test_fast_kernels_serve_prompts_and_leave_single_tokens_to_pytorch():
     prompt, token = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
     assert torch.equal(norm(prompt), torch.full_like(prompt, 7.0))
     assert torch.allclose(norm(token), token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_resume_does_not_depend_on_how_the_model_folder_is_spelt(llava, p1_records, tmp_path, monkeypatch):
+    from hw3lib.demo import MODELS_DIR
+
+    model, processor = llava
+    recs, gen, out = p1_records[:4], LlavaGeneration(max_new_tokens=8), tmp_path / "pred.json"
+    monkeypatch.chdir(MODELS_DIR.parent.parent.parent)  # the workbook's root: data/demo/models/llava is relative
+
+    def killer(batch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        caption_folder(model, processor, recs, out, generation=gen, batch_size=2, progress=False, on_batch=killer,
+                       model_name="./data/demo/models/llava/")
+    run = caption_folder(model, processor, recs, out, generation=gen, batch_size=2, progress=False,
+                         model_name="data/demo/models/llava")
+    assert run.reused == 2 and run.computed == 2
