@@ -86,6 +86,9 @@ def load_annotations(path: str | Path) -> dict[str, list[str]]:
         name = Path(img["file_name"]).stem
         if name in id_to_name.values():
             raise DataError(f"{path}: images[{i}]: file name {img['file_name']!r} appears twice")
+        if img["id"] in id_to_name:  # its captions would go to one image, the other would have none
+            raise DataError(f"{path}: images[{i}]: id {img['id']!r} appears twice (also for "
+                            f"{id_to_name[img['id']]!r}); each image needs an id of its own")
         id_to_name[img["id"]] = name
     refs: dict[str, list[str]] = defaultdict(list)
     for i, ann in enumerate(data["annotations"]):

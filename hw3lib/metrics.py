@@ -7,9 +7,9 @@
 """
 from __future__ import annotations
 
-import re
-
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,9 @@ class ClipScorer:
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"{folder}: no open_clip_config.json in this CLIP folder" if folder.is_dir() else
                                 f"{folder}: CLIP folder not found")
+            if pretrained:  # a folder holds its own weights
+                warnings.warn(f"CLIP folder {folder}: pretrained={pretrained!r} is ignored (the folder's own "
+                              "weights are used; pass --clip-pretrained '' to say so)", stacklevel=2)
             name, pretrained = f"local-dir:{folder}", None
         else:
             spec = hub.open_clip_files(name, pretrained or "")  # refuses unknown names and tags

@@ -168,6 +168,11 @@ CASES = [
     ("llava-length-penalty-nan", "llava-caption {val_images} {s}/o.json {llava} --length-penalty nan", 2,
      ["length_penalty must be a finite number"]),
     ("lab-port-too-large", "lab --port 99999", 2, ["--port", "at most 65535"]),
+    ("eval-annotation-duplicate-id", "evaluate --pred {pred} --annotation {s}/dup_id.json --images {val_images} "
+     "{clip}", 2, ["dup_id.json", "appears twice", "an id of its own"]),
+    ("eval-clip-pretrained-beside-a-folder", "evaluate --pred {pred} --annotation {ann} --images {val_images} "
+     "--clip-model " + str(DEMO / "clip") + " --clip-pretrained openai", 0,
+     ["warning", "pretrained='openai' is ignored"]),
     ("caption-decoder-garbage", "caption {val_images} {s}/out.json {s}/garbage.json --adapter {adapter}", 2,
      ["garbage.json", "cannot read the decoder checkpoint", "not a torch.save file of tensors"]),
     ("eval-pred-duplicate-key", "evaluate --pred {s}/duplicate.json --annotation {ann} --images {val_images} {clip}",
@@ -224,6 +229,9 @@ def sandbox(tmp_path_factory, world):
                        f"--max-new-tokens 5 --eval-images 2"}
     p["pred"] = _write(s / "pred.json", {n: "a red circle" for n in names})
     _write(s / "garbage.json", "{not json")
+    coco = json.loads(ann.read_text())
+    coco["images"][1]["id"] = coco["images"][0]["id"]
+    _write(s / "dup_id.json", coco)
     (s / "duplicate.json").write_text("{" + ", ".join(f'"{n}": "a red circle"' for n in names + names[:1]) + "}")
     (s / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({n: "a red circle" for n in names}).encode())
     _write(s / "list.json", ["a", "b"])
