@@ -219,19 +219,27 @@ def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path):
     import psutil
 
     config = _one_notebook_config(tmp_path, "hangs", [(None, "import time\ntime.sleep(600)")])
+    # as from a terminal: a shell that starts a job in the background (CI, `cmd &`) makes it ignore SIGINT
     run = subprocess.Popen([sys.executable, "-m", "hw3lib", "run", "-f", str(config), "--no-html"],
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    kernels = []
-    while time.monotonic() < deadline and not kernels:  # until the kernel runs the cell
-        time.sleep(1)
-        kernels = [p for p in psutil.Process(run.pid).children(recursive=True)
-                   if "hw3lib.kernel" in " ".join(p.cmdline())]
-    assert kernels, "no kernel started"
-    time.sleep(3)
-    t0 = time.monotonic()
-    run.send_signal(signal.SIGINT)
-    err = run.communicate(timeout=60)[1]
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        kernels = []
+        while time.monotonic() < deadline and not kernels:  # until the kernel runs the cell
+            time.sleep(1)
+            kernels = [p for p in psutil.Process(run.pid).children(recursive=True)
+                       if "hw3lib.kernel" in " ".join(p.cmdline())]
+        assert kernels, "no kernel started"
+        time.sleep(3)
+        t0 = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        err = run.communicate(timeout=60)[1]
+    finally:  # whatever happened, nothing of it outlives the test
+        if run.poll() is None:
+            for p in psutil.Process(run.pid).children(recursive=True) + [psutil.Process(run.pid)]:
+                p.kill()
+            run.wait()
     assert run.returncode == 130 and time.monotonic() - t0 < 30, (run.returncode, err)
     said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("hw3 run:")]
     assert said == [f"hw3 run: interrupted: hangs stopped; its executed cells are in {tmp_path}/out/"
