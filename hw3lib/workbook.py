@@ -261,6 +261,8 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         if html:
             _export_html(target, out / "report" / f"{name}.html")
         gpu = f", peak GPU {cost['peak_gpu_gib']} GiB" if cost["peak_gpu_gib"] is not None else ""
+        if "torch_allocated_gib" in cost:
+            gpu += f" ({cost['torch_allocated_gib']} allocated by PyTorch)"
         log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_pss_gib']} GiB (PSS)")
     timings = {n: c["seconds"] for n, c in costs.items()} if names else {}
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
