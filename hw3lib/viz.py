@@ -244,9 +244,16 @@ def attention_browser(entries: dict[str, dict], show: bool = True):
     ``entries``: ``{"<image> / <model>": {"view": PIL image, "words": [...], "maps": (W, L, H, rows, cols),
     "layers": [layer labels], "layer": the layer shown first (default: the last)}}``. It redraws from these maps
     only; nothing is recomputed. Widget state does not survive papermill / HTML export: notebooks draw the static
-    grids as well. Returns the widget (displayed when ``show``)."""
+    grids as well. Returns the widget (displayed when ``show``).
+
+    Each view is drawn off-screen into a PNG that an ``Image`` widget shows, not into an ``Output`` widget: under
+    ipykernel 7, a cell that drew into an ``Output`` widget lost its execute reply in about one run of six, and the
+    notebook's runner waited for it for ever (docs/rehearsal.md, "The hang of notebook 04")."""
+    import io
+
     import ipywidgets as w
     from IPython.display import display
+    from matplotlib.figure import Figure
 
     from .attention import aggregate, upsample
 
@@ -254,7 +261,8 @@ def attention_browser(entries: dict[str, dict], show: bool = True):
     layer = w.Dropdown(description="layer")
     heads = w.Dropdown(description="heads")
     word = w.IntSlider(description="word", min=0)
-    out = w.Output()
+    image = w.Image(format="png", layout=w.Layout(width="360px"))
+    note = w.Label()
     swapping = [False]  # while the options of another image are put in place, a value change must not draw
 
     def choose(control, options, keep, default):
@@ -279,27 +287,27 @@ def attention_browser(entries: dict[str, dict], show: bool = True):
         if swapping[0]:
             return
         e = entries[pick.value]
-        out.clear_output(wait=True)
         if not e["words"]:
-            with out:
-                print(f"{pick.value}: no words")
+            note.value, image.value = f"{pick.value}: no words", b""
             return
         m = aggregate(e["maps"][word.value : word.value + 1], layer.value, heads.value)[0]
         size = e["view"].size[0]
-        with out:
-            fig, ax = plt.subplots(figsize=(3.6, 3.8))
-            ax.imshow(e["view"])
-            ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
-            ax.set_title(f"{e['words'][word.value]!r}  (layer {layer.label}, heads {heads.label})", fontsize=9)
-            ax.axis("off")
-            plt.show()
+        fig = Figure(figsize=(3.6, 3.8))  # not pyplot's: nothing is shown, nothing is left open
+        ax = fig.subplots()
+        ax.imshow(e["view"])
+        ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
+        ax.set_title(f"{e['words'][word.value]!r}  (layer {layer.label}, heads {heads.label})", fontsize=9)
+        ax.axis("off")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        note.value, image.value = "", png.getvalue()
 
     pick.observe(lambda _: (refresh_options(), draw()), "value")
     for control in (layer, heads, word):
         control.observe(draw, "value")
     refresh_options()
     draw()
-    box = w.VBox([w.HBox([pick, layer, heads]), word, out])
+    box = w.VBox([w.HBox([pick, layer, heads]), word, note, image])
     if show:
         display(box)
     return box

@@ -129,8 +129,12 @@ def test_browser_controls_hold_values_across_images():
         return e if first is None else {**e, "layer": first}
 
     box = attention_browser({"a / captioner": entry(3, 4, first=1), "a / llava": entry(5, 2)}, show=False)
-    (pick, layer, heads), word = box.children[0].children, box.children[1]
+    (pick, layer, heads), word, image = box.children[0].children, box.children[1], box.children[-1]
     assert (layer.value, heads.value, word.max) == (1, "mean", 3)  # the entry's own first layer
+    first = bytes(image.value)
+    assert first.startswith(b"\x89PNG")  # drawn into an Image widget, no Output widget (docs/rehearsal.md)
+    word.value = 2
+    assert bytes(image.value).startswith(b"\x89PNG") and bytes(image.value) != first  # another word: redrawn
     heads.value, word.value = 1, 3
     pick.value = "a / llava"
     assert (layer.value, heads.value, word.max, word.value) == (1, 1, 1, 1)  # kept where they still exist

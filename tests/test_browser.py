@@ -120,7 +120,7 @@ def test_attention_browser_in_jupyterlab(lab):
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
-        image = page.locator(".widget-output img").first
+        image = page.locator("img.widget-image").first
         try:
             image.wait_for(timeout=int(os.environ.get("HW3_BROWSER_TIMEOUT", 240)) * 1000)  # ran up to the browser
         except Exception:
@@ -135,7 +135,7 @@ def test_attention_browser_in_jupyterlab(lab):
             old = image.get_attribute("src")
             t0 = time.time()
             action()
-            page.wait_for_function("old => { const i = document.querySelector('.widget-output img');"
+            page.wait_for_function("old => { const i = document.querySelector('img.widget-image');"
                                    " return i && i.complete && i.src !== old; }", arg=old, timeout=30_000)
             seconds = time.time() - t0
             shots[name] = image.screenshot()
