@@ -59,6 +59,23 @@ class CaptionerConfig:
         return cls(encoder=enc, lora=lora, **d)
 
 
+def _check_timm_folder(folder: Path) -> None:
+    """A timm folder holds a ``config.json`` that names its ``architecture``; a transformers model (LLaVA, CLIP)
+    names ``architectures`` or ``model_type`` instead. Say which it is, rather than timm's ``KeyError``."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise DataError(f"{folder}: not a timm encoder folder (no config.json; timm's holds 'architecture')")
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{config}: cannot read it ({e})") from None
+    if not isinstance(raw, dict) or "architecture" not in raw:
+        other = (raw.get("architectures") or [raw.get("model_type")])[0] if isinstance(raw, dict) else None
+        what = f"a transformers model ({other})" if other else "not timm's config"
+        raise DataError(f"{folder}: not a timm encoder folder: its config.json is {what}, with no 'architecture'. "
+                        f"The encoder is a timm model name or a folder that timm saved (e.g. data/demo/models/vit)")
+
+
 def create_encoder(cfg: EncoderConfig):
     """The frozen timm encoder with its preprocessing. Returns ``(model, transform)``.
 
@@ -72,6 +89,7 @@ def create_encoder(cfg: EncoderConfig):
 
     name, cache_only = cfg.name, False
     if Path(name).expanduser().is_dir():
+        _check_timm_folder(Path(name).expanduser())
         name = f"local-dir:{Path(name).expanduser()}"
     elif name.startswith("local-dir:") or hub.is_local(name):
         folder = Path(name.removeprefix("local-dir:")).expanduser()

@@ -247,19 +247,25 @@ def _cmd_llava_caption(args) -> int:
 
 
 def _cmd_download(args) -> int:
-    import yaml
-
     from . import hub
 
     from .data import DataError
 
-    try:
-        params = yaml.safe_load(Path(args.config).read_text())["parameters"]
-        names = {k: str(params[k]) for k in ("llava_model", "encoder", "clip_model", "clip_pretrained")}
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise DataError(f"{args.config}: cannot read the model names ({type(e).__name__}: {e})") from None
-    plan = hub.download_plan(names["llava_model"], names["encoder"], names["clip_model"], names["clip_pretrained"])
+    from .workbook import ROOT, WorkbookConfig
+
+    params = WorkbookConfig.load(args.config).parameters  # with what it extends
+    keys = ("llava_model", "encoder", "clip_model", "clip_pretrained")
+    missing = [k for k in keys if params.get(k) is None]
+    if missing:
+        raise DataError(f"{args.config}: names no {', '.join(missing)} (parameters:)")
+    names = {k: str(params[k]) for k in keys}
+    local = {k: v for k, v in names.items() if k != "clip_pretrained" and v
+             and (Path(v).expanduser().is_dir() or (ROOT / v).is_dir())}
+    plan = hub.download_plan(*(None if k in local else names[k] for k in ("llava_model", "encoder", "clip_model")),
+                             names["clip_pretrained"])
     print(f"the models that {args.config} names, into the Hugging Face cache {hub.hub_cache_dir()}:")
+    for key, folder in local.items():
+        print(f"  {key} {folder}: a local folder, nothing to fetch")
     for item in plan:
         size = "cached" if item.cached else "size unknown (offline)" if item.size is None else \
             f"{item.size / 1e9:.2f} GB to fetch"
@@ -267,7 +273,7 @@ def _cmd_download(args) -> int:
               f"    {item.spec.repo_id} [{', '.join(item.patterns)}] -> {item.destination}")
     todo = [item for item in plan if not item.cached]
     if not todo:
-        print("everything is cached: the hw3 profile loads offline (HF_HUB_OFFLINE=1)")
+        print(f"nothing to fetch: {args.config} loads offline (HF_HUB_OFFLINE=1)")
         return 0
     if args.dry_run:
         return 0

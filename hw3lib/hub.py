@@ -252,12 +252,15 @@ class Download:
         return hub_cache_dir() / f"models--{self.spec.repo_id.replace('/', '--')}"
 
 
-def download_plan(llava: str, encoder: str, clip: str, clip_pretrained: str) -> list[Download]:
-    """The repositories behind the hw3 profile's model names, with what is already cached."""
+def download_plan(llava: str | None, encoder: str | None, clip: str | None, clip_pretrained: str) -> list[Download]:
+    """The repositories behind the hw3 profile's model names, with what is already cached (None: a local folder,
+    nothing to fetch)."""
     import fnmatch
 
-    specs = [(transformers_files(llava, "LLaVA"), ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"))]
-    for spec in (timm_files(encoder), open_clip_files(clip, clip_pretrained)):
+    specs = [] if llava is None else [(transformers_files(llava, "LLaVA"),
+                                       ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"))]
+    for spec in (timm_files(encoder) if encoder is not None else None,
+                 open_clip_files(clip, clip_pretrained) if clip is not None else None):
         if spec is not None:
             specs.append((spec, tuple(f for alts in spec.files for f in alts.split("|")) + ("config.json",)))
     plan = []

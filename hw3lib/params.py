@@ -13,16 +13,31 @@ from types import SimpleNamespace
 ALLOWED = (str, int, float, bool, dict, list)
 
 
+# the smallest value a number parameter may take, wherever a notebook declares it (0 where 0 means "all" or "off")
+AT_LEAST = {name: 1 for name in ("num_show", "llava_num_show", "llava_batch_size", "llava_gpus", "pool", "lora_r",
+                                 "lora_alpha", "variant_lora_r", "num_epochs", "variant_epochs", "batch_size",
+                                 "eval_images", "num_beams", "max_new_tokens")}
+AT_LEAST.update({name: 0 for name in ("seed", "llava_num_images", "llava_num_workers", "captions_per_image",
+                                      "max_train_images", "no_repeat_ngram_size", "pointing_images")})
+ABOVE = {"lr": 0.0}  # strictly
+
+
 def check(name: str, kind: type, value):
     """``value`` as a ``kind``: ``int`` rejects ``bool``; ``float`` accepts an ``int``; ``str`` accepts an ``int``
-    (``-p attention_layer 3`` arrives as the number 3). Raises ``TypeError`` naming the parameter."""
+    (``-p attention_layer 3`` arrives as the number 3). Raises ``TypeError`` naming the parameter, and
+    ``ValueError`` for a number below its parameter's bound (:data:`AT_LEAST`, :data:`ABOVE`)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif kind is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise TypeError(f"parameter {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"parameter {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind in (int, float):
+        if name in AT_LEAST and not value >= AT_LEAST[name]:
+            raise ValueError(f"parameter {name!r} must be at least {AT_LEAST[name]}, got {value!r}")
+        if name in ABOVE and not value > ABOVE[name]:
+            raise ValueError(f"parameter {name!r} must be above {ABOVE[name]}, got {value!r}")
+    return value
 
 
 def read(namespace: dict) -> SimpleNamespace:

@@ -184,7 +184,7 @@ def _check_types(parameters: dict, declared: dict[str, dict]) -> None:
                                       f"YAML/JSON ({str(e).splitlines()[0]})") from None
             try:
                 parameters[name] = check(name, kind, value)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise ConfigError(f"{e} (declared by {nb})") from None
             if name.endswith("lora_targets"):  # a misspelt layer would train without LoRA there
                 from .decoder import LoraConfig

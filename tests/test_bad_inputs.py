@@ -91,6 +91,8 @@ CASES = [
      ["no/such/vit", "not found"]),
     ("train-encoder-unknown-offline", "train --data-root {root} --out {s}/r_enc2 --encoder vit_nonexistent_x", 2,
      ["vit_nonexistent_x", "hw3 download"]),
+    ("train-encoder-llava-folder", "train --data-root {root} --out {s}/r_llava --encoder " + str(DEMO / "llava"), 2,
+     ["not a timm encoder folder", "LlavaForConditionalGeneration"]),
     ("train-data-root-missing", "train --data-root {s}/no_root --out {s}/r_root {train_demo}", 2,
      ["no_root", "train.json", "not found"]),
     ("train-corrupt-image-workers", "train --data-root {corrupt_root} --out {s}/r_corrupt {train_demo} "
@@ -189,6 +191,10 @@ CASES = [
      ["-p output_dir", "config's output_dir"]),
     ("run-cell-timeout-text", "run -f {s}/all.yaml --cell-timeout soon", 2, ["--cell-timeout", "expected a number"]),
     ("run-gpu-cap-zero", "run -f {s}/all.yaml --gpu-cap 0", 2, ["--gpu-cap", "must lie in"]),
+    ("run-num-show-negative", "run -f {s}/all.yaml --only 00_shapes_world -p num_show -5", 2,
+     ["'num_show' must be at least 1", "-5", "00_shapes_world"]),
+    ("run-num-show-0", "run -f {s}/all.yaml -p num_show 0", 2, ["'num_show' must be at least 1", "got 0"]),
+    ("run-lr-0", "run -f {s}/all.yaml -p lr 0", 2, ["'lr' must be above 0", "02_train_lora_captioner"]),
     # ---------------------------------------------------------------------------------------------- others
     ("demo-data-rebuild-bogus", "demo-data --rebuild bogus", 2, ["--rebuild", "bogus"]),
     ("download-config-missing", "download -f {s}/none.yaml", 2, ["none.yaml"]),

@@ -39,6 +39,18 @@ def test_download_offline_says_so(monkeypatch, capsys):
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
+def test_download_lists_local_folders_and_reads_extends(monkeypatch, capsys):
+    """The demo's models are folders: nothing to fetch (it was "not a timm model name"). A card's config extends
+    hw3.yaml: its model names come from there (it was "cannot read the model names")."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download", "-f", "configs/demo.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "llava_model data/demo/models/llava: a local folder, nothing to fetch" in out
+    assert "nothing to fetch: configs/demo.yaml loads offline" in out
+    assert main(["download", "-f", "configs/hw3-24gb.yaml", "--dry-run"]) == 0
+    assert "llava-hf/llava-1.5-7b-hf" in capsys.readouterr().out
+
+
 def test_out_of_memory_says_which_setting_to_lower():
     import argparse
 

@@ -44,3 +44,27 @@ def test_check_rejects(kind, value):
 def test_nothing_declared():
     with pytest.raises(NameError, match="annotates each one"):
         read({"x": 1})
+
+
+@pytest.mark.parametrize("name, kind, value, message", [
+    ("num_show", int, -5, "'num_show' must be at least 1, got -5"), ("num_show", int, 0, "at least 1, got 0"),
+    ("llava_num_workers", int, -1, "at least 0"), ("lr", float, 0, "'lr' must be above 0"),
+    ("lr", float, float("nan"), "above 0"),
+])
+def test_check_bounds(name, kind, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        check(name, kind, value)
+
+
+def test_every_default_and_config_value_within_bounds():
+    """The bounds hold for what the notebooks declare and what the committed configs set."""
+    import papermill
+
+    from hw3lib.workbook import ROOT, WorkbookConfig, _check_types
+
+    declared = {nb.stem: papermill.inspect_notebook(str(nb)) for nb in sorted((ROOT / "notebooks").glob("0*.ipynb"))}
+    defaults = {n: eval(i["default"]) for d in declared.values() for n, i in d.items()  # noqa: S307 (own notebooks)
+                if i["inferred_type_name"] in ("int", "float")}
+    _check_types(defaults, declared)
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        _check_types(dict(WorkbookConfig.load(config).parameters), declared)
