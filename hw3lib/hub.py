@@ -161,12 +161,25 @@ def ensure_available(spec: HubFiles) -> bool:
     if len(missing) == len(spec.files) and cached_file(spec.repo_id, "config.json") is None \
             and spec.repo_id not in cached_repos():
         raise ModelNotAvailable(f"{spec.what} {label}: not in the Hugging Face cache ({where}) and {reason}."
-                                f"{_suggestion(spec.repo_id)} To fix: {DOWNLOAD_HINT}")
+                                f"{_suggestion(spec.repo_id)} To fix: {DOWNLOAD_HINT}{_demo_folder(spec.what)}")
     raise ModelNotAvailable(f"{spec.what} {label}: the cached copy in {where} is incomplete ({', '.join(missing[:3])}"
                             f"{' ...' if len(missing) > 3 else ''} missing) and {reason}. To fix: {DOWNLOAD_HINT}")
 
 
 # ------------------------------------------------------------------------------------ names of each library
+DEMO_FOLDERS = {"CLIP": "--clip-model data/demo/models/clip --clip-pretrained ''",
+                "LLaVA": "--model data/demo/models/llava", "timm encoder": "--encoder data/demo/models/vit"}
+
+
+def _demo_folder(what: str) -> str:
+    """How to use the demo's stand-in instead, where the workbook has built it."""
+    from .workbook import ROOT
+
+    option = DEMO_FOLDERS.get(what)
+    folder = option and ROOT / option.split()[1]
+    return f" (the demo's stand-in: {option})" if folder and folder.is_dir() else ""
+
+
 def is_hub_id(name: str) -> bool:
     """``owner/name`` with the hub's characters: what transformers would look up on the hub."""
     parts = name.split("/")
