@@ -11,6 +11,7 @@ tricky captions.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                 ".", "?", "!", ",", ":", "-", "--", "...", ";"}
@@ -33,6 +34,22 @@ def one_line(caption: str) -> str:
     return _LINE_BREAKS.sub(" ", caption)
 
 
+def _ranges(categories: tuple[str, ...]) -> str:
+    """A regex character class body with every BMP code point of these Unicode categories."""
+    points = [c for c in range(0x300, 0x10000) if unicodedata.category(chr(c)) in categories]
+    spans, start = [], points[0]
+    for a, b in zip(points, points[1:] + [None]):
+        if b != a + 1:
+            spans.append(f"\\u{start:04x}" + (f"-\\u{a:04x}" if a != start else ""))
+            start = b
+    return "".join(spans)
+
+
+# combining marks (accents written as a second code point: cafe\u0301) stay in their word, as Java keeps them;
+# enclosing marks (U+20DD ...) are untokenizable to Java, which drops them
+_MARKS = _ranges(("Mn", "Mc"))
+_ENCLOSING = re.compile(f"[{_ranges(('Me',))}]")
+
 _TOKEN = re.compile(r"""
     https?://\S+ | www\.\S+                                   # urls stay whole
   | 'n' | '\d+s(?=\W|$)                                          # rock 'n' roll, '90s
@@ -41,9 +58,9 @@ _TOKEN = re.compile(r"""
   | \d+(?::\d+)+                                               # times 10:30 (am split off)
   | [^\W\d_](?:\.[^\W\d_])+\.?                                 # u.s.  e.g.  p.m.
   | [#@][^\W\d_]\w*                                            # #hashtag @user
-  | \w+(?:(?:[-/.]|(?<=\d),(?=\d{3})|(?<=[^\W\d_])'(?=[^\W\d_]))\w+)*\.?   # words, numbers, hyphen compounds
+  | \w[\wMARKS]*(?:(?:[-/.]|(?<=\d),(?=\d{3})|(?<=[^\W\d_])'(?=[^\W\d_]))\w[\wMARKS]*)*\.?   # words, numbers, compounds
   | \.\.\.+ | -- | !+ | \?+ | \S
-""", re.VERBOSE)
+""".replace("MARKS", _MARKS), re.VERBOSE)
 
 
 def _split_word(tok: str, at_line_end: bool) -> list[str]:
@@ -66,6 +83,7 @@ def _split_word(tok: str, at_line_end: bool) -> list[str]:
 def ptb_tokenize_line(text: str) -> list[str]:
     """PTB tokens of one caption (lower-cased), punctuation included."""
     text = "".join(c for c in text.translate(_NORMALISE) if ord(c) <= 0xFFFF).replace("’", "'").lower()
+    text = _ENCLOSING.sub("", text)
     text = re.sub(r"(?<=\w)'n'(?=\w)", " 'n' ", text)
     tokens: list[str] = []
     for m in _TOKEN.finditer(text):
