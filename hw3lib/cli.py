@@ -183,8 +183,13 @@ def _cmd_train(args) -> int:
     say(f"trainable parameters: {count_check(model):,}" + (f"; {d.world_size} processes" if d.active else ""))
     clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
         if args.clip_model and d.main else None  # the main process validates
-    result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
-                   resume=not args.no_resume, overwrite=True, log=say)
+    try:
+        result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
+                       resume=not args.no_resume, overwrite=True, log=say)
+    except KeyboardInterrupt:  # checkpoints are written atomically: what is on disk is whole
+        last = out / "last.pt"
+        raise KeyboardInterrupt(f"{last} holds the last finished epoch; the same command goes on from it"
+                                if last.is_file() else f"no epoch had finished; nothing was kept in {out}") from None
     say(f"best epoch {result.best_epoch}: {result.best_path}")
     return 0
 
@@ -235,9 +240,14 @@ def _cmd_llava_caption(args) -> int:
     if args.liger and not use_fast_kernels(model):
         print("--liger: liger-kernel is not installed (pip install liger-kernel), the model is not on a GPU or "
               "is 4-bit; captioning with PyTorch's kernels", file=sys.stderr)
-    run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
-                         batch_size=args.batch_size, num_workers=args.num_workers,
-                         first_sentence=args.first_sentence, model_name=str(args.model))
+    try:
+        run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             first_sentence=args.first_sentence, model_name=str(args.model))
+    except KeyboardInterrupt:  # each finished batch is in the partial file; the JSON is written only at the end
+        kept = sorted(out.parent.glob(out.name + ".partial*.jsonl"))
+        raise KeyboardInterrupt(f"the captions of the finished batches are in {kept[0]}; the same command goes on "
+                                f"from them" if kept else f"no batch had finished; {out} was not written") from None
     rate = run.computed / run.seconds if run.seconds else 0.0
     if d.main:
         on = f" on {d.world_size} processes" if d.active else ""
