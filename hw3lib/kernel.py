@@ -80,6 +80,10 @@ def lab(port: int | None, open_browser: bool, extra: list[str]) -> None:
     """Replace this process with JupyterLab on 127.0.0.1 (token login), rooted at the workbook, notebooks open."""
     if installed() is None:
         install(user=False)
+    # this environment's kernel spec before a user-level "hw3" (which another clone's set-up may have written)
+    mine = str(Path(sys.prefix) / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([mine] + [p for p in os.environ.get("JUPYTER_PATH", "").split(
+        os.pathsep) if p and p != mine])
     argv = [sys.executable, "-m", "jupyter", "lab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={ROOT}",
             "--LabApp.default_url=/lab/tree/notebooks", "--ContentsManager.pre_save_hook=hw3lib.kernel.clean_on_save"]
     argv += [f"--ServerApp.port={port}"] if port else []
@@ -90,7 +94,9 @@ def lab(port: int | None, open_browser: bool, extra: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--install"]:
-        for user in (False, True):
+        # for this environment only, unless asked: a user-level spec is one for all clones, and the last set-up
+        # would point every clone's JupyterLab at its own Python
+        for user in (False, True) if "--user" in argv[1:] else (False,):
             try:
                 print(f"kernel {NAME!r} ({DISPLAY_NAME}) -> {install(user)}")
             except OSError as e:  # a read-only home: the environment's own JupyterLab still sees the first one

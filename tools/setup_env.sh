@@ -32,7 +32,7 @@ if [[ -z "${HW3_PYTHON:-}" ]] && { [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$
     echo "[setup] pip install failed; the whole log is $_prefix/hw3lib-install.log" >&2
     exit 1
   fi
-  # the notebooks' kernel, "hw3" (HW3 workbook): for this environment and for this user (a JupyterLab elsewhere)
+  # the notebooks' kernel, "hw3" (HW3 workbook), for this environment (--user adds one for a JupyterLab elsewhere)
   "$PY" -m hw3lib.kernel --install >> "$_prefix/hw3lib-install.log" 2>&1 \
     || echo "[setup] note: the Jupyter kernel 'hw3' was not registered; see $_prefix/hw3lib-install.log" >&2
   echo "$_want" > "$_stamp"
