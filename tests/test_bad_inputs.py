@@ -148,6 +148,8 @@ CASES = [
      ["hw3-cannot-write-here"]),
     ("llava-corrupt-image-workers", "llava-caption {corrupt_val} {s}/o2.json {llava} --num-workers 2 --device cpu",
      2, ["corrupt or truncated image", ".jpg"]),
+    ("llava-empty-image-workers", "llava-caption {empty_val} {s}/o3.json {llava} --num-workers 2 --device cpu",
+     2, ["not an image file", ".jpg"]),
     # --------------------------------------------------------------------------------------------------- run
     ("run-config-missing", "run -f {s}/none.yaml", 2, ["none.yaml", "cannot read the config"]),
     ("run-only-misspelled", "run -f {s}/ok.yaml --only 00_shapes_wrold", 2, ["00_shapes_wrold", "--only"]),
@@ -258,6 +260,10 @@ def sandbox(tmp_path_factory, world):
     first = sorted(corrupt_val.glob("*.jpg"))[0]
     first.write_bytes(first.read_bytes()[:200])
     p["corrupt_val"] = str(corrupt_val)
+    empty_val = s / "empty_val"  # a zero-byte JPEG
+    shutil.copytree(val_images, empty_val)
+    sorted(empty_val.glob("*.jpg"))[-1].write_bytes(b"")
+    p["empty_val"] = str(empty_val)
     corrupt_root = s / "corrupt_root"
     shutil.copytree(root, corrupt_root)
     first = sorted((corrupt_root / "p2_data/images/train").glob("*.jpg"))[2]
