@@ -263,7 +263,8 @@ def run(config: WorkbookConfig, only: list[str] | None = None, html: bool = True
         gpu = f", peak GPU {cost['peak_gpu_gib']} GiB" if cost["peak_gpu_gib"] is not None else ""
         if "torch_allocated_gib" in cost:
             gpu += f" ({cost['torch_allocated_gib']} allocated by PyTorch)"
-        log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_pss_gib']} GiB (PSS)")
+        log(f"[{config.profile}] {name} done in {cost['seconds']:.0f}s{gpu}, peak RAM {cost['peak_pss_gib']} GiB "
+            f"(PSS; {cost['peak_pss_anon_gib']} anonymous)")
     timings = {n: c["seconds"] for n, c in costs.items()} if names else {}
     merged = merge_metrics(out, {"profile": config.profile, "notebook_seconds": timings})
     log(f"[{config.profile}] metrics: {out / 'metrics.json'}; reports: {out / 'report'}")
@@ -512,12 +513,14 @@ class PeakMemory:
       and the kernel's DataLoader workers): each page counted once, shared pages split between the processes that map them. This is what the
       notebook needs of the machine's RAM. ``peak_rss_gib``, their summed resident memory, counts a page shared by a
       kernel and its forked workers once per process; it is kept for comparison. Where PSS cannot be read (no
-      ``/proc``), it falls back to RSS.
+      ``/proc``), it falls back to RSS. ``peak_pss_anon_gib`` is its anonymous part: the pages that only RAM (or
+      swap) can hold, without the files a process maps (model weights read through ``mmap``), which the system can
+      drop and read again.
     """
 
-    def __init__(self, interval: float = 0.5, pss_interval: float = 5.0):
-        self.interval, self.pss_interval = interval, pss_interval
-        self.peak_gpu, self.peak_rss, self.peak_pss = None, 0, 0
+    def __init__(self, interval: float = 0.5, pss_interval: float = 5.0, growth: float = 1.1):
+        self.interval, self.pss_interval, self.growth = interval, pss_interval, growth
+        self.peak_gpu, self.peak_rss, self.peak_pss, self.peak_pss_anon = None, 0, 0, 0
         self._stop = threading.Event()
         self._smi = shutil.which("nvidia-smi")
         self._base = self._gpu_used() if self._smi else None
@@ -532,33 +535,53 @@ class PeakMemory:
             return None
 
     @staticmethod
-    def _host_memory(with_pss: bool) -> tuple[int, int | None]:
-        """(summed RSS, summed PSS or None) of this process's children, recursively."""
+    def _pss(process) -> tuple[int, int]:
+        """(PSS, anonymous PSS) of one process: ``/proc/PID/smaps_rollup`` where the kernel has it (Linux >= 4.14;
+        ``Pss_Anon`` from 5.8), else psutil's PSS (or RSS) for both."""
+        try:
+            text = Path(f"/proc/{process.pid}/smaps_rollup").read_text()
+            kb = {k.strip(): int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in text.splitlines()[1:]
+                                                                  if ":" in line) if v.strip().endswith("kB")}
+            if "Pss" in kb:
+                return kb["Pss"], kb.get("Pss_Anon", kb["Pss"])
+        except (OSError, ValueError):
+            pass
+        info = process.memory_full_info() if sys.platform.startswith("linux") else process.memory_info()
+        pss = getattr(info, "pss", info.rss)
+        return pss, pss
+
+    @classmethod
+    def _host_memory(cls, with_pss: bool) -> tuple[int, int | None, int | None]:
+        """(summed RSS, summed PSS, summed anonymous PSS; None, None without ``with_pss``) of this process's
+        children, recursively."""
         import psutil
 
-        rss, pss = 0, 0 if with_pss else None
+        rss, pss, anon = 0, 0 if with_pss else None, 0 if with_pss else None
         for child in psutil.Process().children(recursive=True):
             try:
                 rss += child.memory_info().rss
                 if with_pss:
-                    info = child.memory_full_info() if sys.platform.startswith("linux") else child.memory_info()
-                    pss += getattr(info, "pss", info.rss)
+                    p, a = cls._pss(child)
+                    pss, anon = pss + p, anon + a
             except psutil.Error:
                 continue
-        return rss, pss
+        return rss, pss, anon
 
     def _run(self) -> None:
         """RSS every ``interval``. PSS walks each process's page tables (/proc/PID/smaps_rollup, about 50 ms for a
-        1 GB kernel on 2 busy cores, holding the kernel's memory lock while it reads), so it is read every
-        ``pss_interval`` only, and only when the summed RSS could hold a new peak (a process's PSS never exceeds
-        its RSS): read every half second, it slowed the demo's notebook 02 by a quarter on 2 cores."""
-        last_pss = float("-inf")
+        1 GB kernel on 2 busy cores, holding the kernel's memory lock while it reads), so it is read only when the
+        summed RSS could hold a new peak (a process's PSS never exceeds its RSS), and then every ``pss_interval``
+        or as soon as the RSS has grown by ``growth`` since the last reading. Read every half second, it slowed the
+        demo's notebook 02 by a quarter on 2 cores; read every 5 s only, it missed the peak of loading LLaVA in
+        4-bit, which lasts a few seconds (2.5 to 14.4 GiB in three runs of the same notebook)."""
+        last_pss, rss_then = float("-inf"), 0
         while not self._stop.is_set():
-            due = time.monotonic() - last_pss >= self.pss_interval
-            rss, _ = self._host_memory(False)
+            rss, _, _ = self._host_memory(False)
+            due = time.monotonic() - last_pss >= self.pss_interval or rss > rss_then * self.growth
             if due and rss > self.peak_pss:
-                rss, pss = self._host_memory(True)
-                self.peak_pss, last_pss = max(self.peak_pss, pss), time.monotonic()
+                rss, pss, anon = self._host_memory(True)
+                self.peak_pss, self.peak_pss_anon = max(self.peak_pss, pss), max(self.peak_pss_anon, anon)
+                last_pss, rss_then = time.monotonic(), rss
             self.peak_rss = max(self.peak_rss, rss)
             if self._base is not None:
                 used = self._gpu_used()
@@ -577,7 +600,8 @@ class PeakMemory:
     def as_dict(self) -> dict:
         gib = 2**30
         return {"peak_gpu_gib": None if self.peak_gpu is None else round(self.peak_gpu / gib, 2),
-                "peak_pss_gib": round(self.peak_pss / gib, 2), "peak_rss_gib": round(self.peak_rss / gib, 2)}
+                "peak_pss_gib": round(self.peak_pss / gib, 2), "peak_pss_anon_gib": round(self.peak_pss_anon / gib, 2),
+                "peak_rss_gib": round(self.peak_rss / gib, 2)}
 
 
 def _record_cost(out: Path, name: str, cost: dict) -> dict:

@@ -276,3 +276,33 @@ def test_jupyterlab_saves_the_workbooks_notebooks_clean(tmp_path):
     from hw3lib import kernel
 
     assert "pre_save_hook=hw3lib.kernel.clean_on_save" in inspect.getsource(kernel.lab)
+
+
+def test_peak_memory_counts_pss_and_its_anonymous_part(tmp_path):
+    """PeakMemory's PSS of its children: 200 MB written into a bytearray (anonymous) and a 200 MB file read
+    through mmap (file pages, which only PSS counts), each in a child process."""
+    import subprocess
+    import sys
+    import time
+
+    from hw3lib.workbook import PeakMemory
+
+    big = tmp_path / "weights.bin"
+    big.write_bytes(b"\1" * (200 << 20))
+    anon = "x = bytearray(200 << 20)\nfor i in range(0, len(x), 4096): x[i] = 1\nimport time; time.sleep(30)"
+    mapped = (f"import mmap\nf = open({str(big)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+              "s = sum(m[i] for i in range(0, len(m), 4096))\nimport time; time.sleep(30)")
+    with PeakMemory(interval=0.1, pss_interval=0.2) as peak:
+        children = [subprocess.Popen([sys.executable, "-c", code]) for code in (anon, mapped)]
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (peak.peak_pss_anon > 200 << 20
+                                                       and peak.peak_pss - peak.peak_pss_anon > 180 << 20):
+                time.sleep(0.2)
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+    cost = peak.as_dict()
+    assert cost["peak_pss_anon_gib"] >= 0.19 and cost["peak_pss_gib"] - cost["peak_pss_anon_gib"] >= 0.17, cost
+    assert cost["peak_rss_gib"] >= cost["peak_pss_gib"] >= cost["peak_pss_anon_gib"]
