@@ -164,6 +164,8 @@ CASES = [
     ("run-profile-a-number", "run -f {s}/profile_3.yaml", 2, ["profile_3.yaml", "'profile' must be a name"]),
     ("llava-device-tpu", "llava-caption {val_images} {s}/o.json {llava} --device tpu", 2,
      ["--device tpu", "not a device name"]),
+    ("llava-device-cuda-without-gpu", "llava-caption {val_images} {s}/o.json {llava} --device cuda", 2,
+     ["--device cuda", "no CUDA GPU"]),  # skipped where there is a GPU
     ("llava-4bit-on-cpu", "llava-caption {val_images} {s}/o.json {llava} --load-in-4bit", 2, ["--load-in-4bit"]),
     ("llava-empty-prompt", "llava-caption {val_images} {s}/o.json {llava} --prompt ''", 2,
      ["--prompt", "instruction is empty"]),
@@ -326,6 +328,8 @@ def test_the_corpus_is_large():
 
 @pytest.mark.parametrize("name, args, code, needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(results, name, args, code, needles):
+    if name == "llava-device-cuda-without-gpu" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
     result = results[name]
     err = result.stderr
     assert result.returncode == code, (result.returncode, err[-1500:])
