@@ -299,21 +299,35 @@ def execute_in_child(name: str, source: Path, target: Path, params: dict, cwd: P
 def _stop_child(child: subprocess.Popen, grace: float = 10.0) -> None:
     """Ask ``child`` to stop as Ctrl-C does (SIGINT: papermill shuts its kernel down), wait ``grace`` seconds, then
     kill it and whatever of its process tree is left (the kernel, DataLoader workers)."""
-    import psutil
-
-    try:
-        family = psutil.Process(child.pid).children(recursive=True)
-    except psutil.Error:
-        family = []
+    family = _family(child.pid)  # taken now: once the child has gone, its orphans are no longer its descendants
     if child.poll() is None:
         with contextlib.suppress(OSError):
             child.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=grace)
-    for p in [*family, psutil.Process(child.pid)] if child.poll() is None else family:
+    _kill_all(family)
+    child.wait()
+
+
+def _family(pid: int) -> list:
+    """The process ``pid`` and all its descendants (psutil processes, the descendants first); [] if it is gone."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.children(recursive=True) + [process]
+    except psutil.Error:
+        return []
+
+
+def _kill_all(processes: list) -> None:
+    """SIGKILL each of ``processes``; one that has already ended is skipped (psutil checks that a pid was not
+    reused)."""
+    import psutil
+
+    for p in processes:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    child.wait()
 
 
 def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell_timeout: float | None,
@@ -456,8 +470,6 @@ class CellWatchdog:
                 return
 
     def _stop_kernel(self, process) -> None:
-        import psutil
-
         try:
             size = self.stacks.stat().st_size if self.stacks.is_file() else 0
             os.kill(process.pid, signal.SIGUSR1)
@@ -465,13 +477,9 @@ class CellWatchdog:
             while time.monotonic() < deadline and (not self.stacks.is_file() or self.stacks.stat().st_size == size):
                 time.sleep(0.1)
             time.sleep(0.2)
-            kernel = psutil.Process(process.pid)
-            family = kernel.children(recursive=True) + [kernel]
-        except (OSError, psutil.Error):
-            family = []
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        except OSError:
+            pass
+        _kill_all(_family(process.pid))
 
     def __enter__(self) -> "CellWatchdog":
         self._thread.start()
