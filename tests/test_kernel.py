@@ -33,3 +33,4 @@ def test_lab_puts_this_environments_kernels_first(monkeypatch):
     first, *rest = os.environ["JUPYTER_PATH"].split(os.pathsep)
     assert first == str(Path(sys.prefix) / "share" / "jupyter") and rest == ["/elsewhere"]
     assert "--no-browser" in seen["argv"]
+    assert "--ContentsManager.pre_save_hook=hw3lib.kernel.clean_on_save" in seen["argv"]  # autosave stays clean
