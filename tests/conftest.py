@@ -44,3 +44,39 @@ def p1_records(world):
     from hw3lib.data import list_images
 
     return list_images(world / "p1_data" / "images" / "val")
+
+
+def interrupt(cmd: list[str], ready, wait: float = 300) -> dict:
+    """Start ``cmd`` as a terminal would (SIGINT not ignored, unlike in a shell's background job), send it SIGINT
+    once ``ready(process)`` holds (a psutil process) (or it has ended, or ``wait`` seconds have passed), and wait for it. Returns its exit
+    status, stderr, the seconds from the signal to its end, and the processes it had started then (still running
+    ones: ``left()``). Whatever happens, nothing of it outlives the test."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + wait
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None and not ready(watched) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                p.kill()
+            proc.wait()
+
+    def left() -> list:
+        time.sleep(1)
+        return [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    return {"code": proc.returncode, "err": err, "seconds": seconds, "family": family, "left": left}

@@ -323,37 +323,17 @@ def test_resume_does_not_depend_on_how_the_model_folder_is_spelt(llava, p1_recor
 def test_ctrl_c_keeps_the_finished_batches_and_says_so(models_dir, world, tmp_path):
     """SIGINT (Ctrl-C) mid-run: exit 130 within seconds, no DataLoader worker left, the finished batches kept in
     the partial file (the JSON is not written), and one line that says so."""
-    import signal
-    import subprocess
     import sys
-    import time
 
-    import psutil
+    from conftest import interrupt
 
-    out = tmp_path / "p1.json"
+    out, partial = tmp_path / "p1.json", tmp_path / "p1.json.partial.jsonl"
     cmd = [sys.executable, "-m", "hw3lib", "llava-caption", str(world / "p1_data/images/val"), str(out), "--model",
            str(models_dir / "llava"), "--device", "cpu", "--batch-size", "2", "--num-workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
-    partial = tmp_path / "p1.json.partial.jsonl"
-    try:
-        deadline = time.time() + 300
-        while not (partial.is_file() and partial.read_text().count("\n") >= 2) and proc.poll() is None \
-                and time.time() < deadline:
-            time.sleep(0.1)
-        family = psutil.Process(proc.pid).children(recursive=True)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-                p.kill()
-            proc.wait()
-    assert proc.returncode == 130 and time.monotonic() - t0 < 30, (proc.returncode, err[-2000:])
+    run = interrupt(cmd, ready=lambda p: p.children() and partial.is_file() and partial.read_text().count("\n") >= 2)
+    err = run["err"]
+    assert run["code"] == 130 and run["seconds"] < 30 and run["family"], (run["code"], err[-2000:])
     said = [line for line in err.splitlines() if line.startswith("hw3 llava-caption:")]
     assert said == [f"hw3 llava-caption: interrupted: the captions of the finished batches are in {partial}; the "
                     f"same command goes on from them"], err[-2000:]
-    assert "Traceback" not in err and not out.exists()
-    time.sleep(1)
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "Traceback" not in err and not out.exists() and not run["left"]()

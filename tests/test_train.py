@@ -177,37 +177,18 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(models_dir, tmp_path):
 def test_ctrl_c_stops_training_and_its_workers_and_keeps_the_last_epoch(models_dir, tmp_path):
     """SIGINT (Ctrl-C) after epoch 1: exit 130 within seconds, one line saying where the run can go on from, no
     DataLoader worker left, and a whole last.pt (checkpoints are written atomically)."""
-    import signal
-    import subprocess
-    import time
-
-    import psutil
+    from conftest import interrupt
 
     root = _cli_root(tmp_path, models_dir, num_train=40)
     out = tmp_path / "run"
     cmd = _train_cmd(root, out, 50) + ["--num-workers", "2", "--feature-cache", "off"]  # workers in every epoch
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
-    try:
-        deadline = time.time() + 300
-        while not (out / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        family = psutil.Process(proc.pid).children(recursive=True)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-                p.kill()
-            proc.wait()
-    assert proc.returncode == 130 and time.monotonic() - t0 < 30, (proc.returncode, err[-2000:])
+    run = interrupt(cmd, ready=lambda p: (out / "last.pt").is_file() and p.children())  # epoch 2, with workers
+    err = run["err"]
+    assert run["code"] == 130 and run["seconds"] < 30 and run["family"], (run["code"], err[-2000:])
     said = [line for line in err.splitlines() if line.startswith("hw3 train:")]
     assert said == [f"hw3 train: interrupted: {out}/last.pt holds the last finished epoch; the same command goes "
                     f"on from it"], err[-2000:]
-    assert "Traceback" not in err
-    time.sleep(1)
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert "Traceback" not in err and not run["left"]()
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] >= 0
     assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
 
