@@ -10,6 +10,8 @@ notebook 04 measures which points best. :func:`hw3lib.llava.attention_maps` and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from PIL import Image
 
 WORD_START = (" ", "\u0120", "\u2581")  # a space, GPT-2 byte-level BPE's "Ġ", SentencePiece's "▁"
 QUERIES = ("predict", "read", "both")  # whose attention is a word's map (see with_query)
+END_WORD = "<|endoftext|>"  # the captioner's end token: the last panel of a series
 
 
 def word_groups(token_strings: list[str]) -> list[list[int]]:
@@ -76,6 +79,12 @@ def words_and_maps(token_strings: list[str], maps: np.ndarray, decode) -> tuple[
     return [words[i] for i in keep], merged[keep]
 
 
+def with_end(words: list[str], maps: np.ndarray, end_word: str, end_map: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The series closed as the course's layout closes it: the end token as a last word, with the map of the step
+    that predicted it (the step that ends the caption; the same for every query)."""
+    return [*words, end_word], np.concatenate([maps, end_map[None].astype(maps.dtype)])
+
+
 # ------------------------------------------------------------------------------------------ the model's view
 def crop_box(width: int, height: int, size: int, crop_pct: float = 1.0) -> tuple[float, float, float, float]:
     """The region of the original image the encoder sees: the shorter side resized to ``size / crop_pct``, then a
@@ -99,10 +108,11 @@ def upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ captioner maps
 @torch.no_grad()
-def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=None, batch_size: int = 16
-                   ) -> list[dict]:
-    """Caption pre-computed features, then read the attention of one teacher-forced pass over each caption; per
-    image ``{"caption", "token_ids", "tokens", "maps", "read_maps"}``. ``maps`` ``(T, layers, heads, rows, cols)``
+def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=None, batch_size: int = 16,
+                   captions: list[str] | None = None) -> list[dict]:
+    """Caption pre-computed features (or take ``captions``, one per image: the ones that were scored), then read the
+    attention of one teacher-forced pass over each caption; per image ``{"caption", "token_ids", "tokens", "maps",
+    "read_maps", "end_map"}``. ``maps`` ``(T, layers, heads, rows, cols)``
     over the (pooled) patch grid is the attention of the query that predicted each token (with causal attention
     it equals what ``generate(output_attentions=True)`` records; the tests compare them); ``read_maps`` that of the
     query that reads it (for the last token: the step that closes the caption). The CLS token, if used, is left
@@ -110,13 +120,19 @@ def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=Non
     from .captioner import GenerationConfig
 
     model.eval()
-    out = model.generate(features, gen or GenerationConfig())
+    if captions is None:
+        out = model.generate(features, gen or GenerationConfig())
+        token_ids, texts = out.token_ids, out.captions
+    else:
+        if len(captions) != len(features):
+            raise ValueError(f"{len(captions)} captions for {len(features)} images")
+        token_ids, texts = [model.tokenizer.encode(c) for c in captions], list(captions)
     pool = model.cfg.encoder.pool
     rows, cols = grid[0] // pool, grid[1] // pool
     eot = model.tokenizer.eot_id
     results = []
     for start in range(0, len(features), batch_size):
-        chunk = out.token_ids[start : start + batch_size]
+        chunk = token_ids[start : start + batch_size]
         width = max(map(len, chunk)) + 1
         input_ids = torch.tensor([[eot, *ids] + [eot] * (width - 1 - len(ids)) for ids in chunk],
                                  device=features.device)
@@ -129,19 +145,21 @@ def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=Non
         for ids, a in zip(chunk, att):
             T = len(ids)
             grid_rows = a[: T + 1].reshape(T + 1, *a.shape[1:3], rows, cols)
-            results.append({"caption": out.captions[len(results)], "token_ids": ids,
+            results.append({"caption": texts[len(results)], "token_ids": ids,
                             "tokens": model.tokenizer.token_strings(ids), "maps": grid_rows[:T],
-                            "read_maps": grid_rows[1:]})
+                            "read_maps": grid_rows[1:], "end_map": grid_rows[T]})
     return results
 
 
 # ------------------------------------------------------------------------------------------ both models, per image
 def captioner_entries(model, encoder, transform, records, gen=None, batch_size: int = 64, device=None,
-                      query: str = "predict") -> list[dict]:
-    """Caption ``records`` with the P2 captioner and return, per image, what the figures and the pointing score
-    need: ``file_id``, ``caption``, ``words``, ``predict_maps`` and ``read_maps`` (W, layers, heads, rows, cols),
-    ``maps`` and ``query`` (those of ``query``, see :func:`with_query`), ``layers``, ``view`` (the image as the
-    encoder saw it), ``size``, ``crop_pct``, ``patch_px`` (one encoder patch in view pixels)."""
+                      query: str = "predict", captions: list[str] | None = None) -> list[dict]:
+    """Caption ``records`` with the P2 captioner (``gen``), or take ``captions`` (the ones that were scored: the maps
+    are then read by teacher forcing them), and return, per image, what the figures and the pointing score need:
+    ``file_id``, ``caption``, ``words`` (closed by the end token, as the course's layout is), ``predict_maps`` and
+    ``read_maps`` (W, layers, heads, rows, cols), ``maps`` and ``query`` (those of ``query``, see
+    :func:`with_query`), ``layers``, ``view`` (the image as the encoder saw it), ``size``, ``crop_pct``,
+    ``patch_px`` (one encoder patch in view pixels)."""
     from timm.data import resolve_data_config
 
     from .captioner import encoder_grid, extract_features
@@ -152,25 +170,28 @@ def captioner_entries(model, encoder, transform, records, gen=None, batch_size: 
     model.to(device)
     grid = encoder_grid(encoder)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        results = captioner_maps(model, feats.to(device), grid, gen)
+        results = captioner_maps(model, feats.to(device), grid, gen, captions=captions)
     data_cfg = resolve_data_config(model=encoder)
     size, crop_pct = int(data_cfg["input_size"][-1]), float(data_cfg.get("crop_pct", 1.0))
     entries = []
     for rec, res in zip(records, results):
         ids = res["token_ids"]
         decode = lambda g, ids=ids: model.tokenizer.decode([ids[i] for i in g])  # noqa: E731
-        words, maps = words_and_maps(res["tokens"], res["maps"], decode)
+        words, maps = with_end(*words_and_maps(res["tokens"], res["maps"], decode), END_WORD, res["end_map"])
+        read = with_end(*words_and_maps(res["tokens"], res["read_maps"], decode), END_WORD, res["end_map"])[1]
         entries.append(with_query({
             "file_id": rec.file_id, "caption": res["caption"], "words": words, "predict_maps": maps,
-            "read_maps": words_and_maps(res["tokens"], res["read_maps"], decode)[1],
-            "layers": list(range(maps.shape[1])), "view": model_view(load_image(rec.image_path), size, crop_pct),
+            "read_maps": read, "layers": list(range(maps.shape[1])),
+            "view": model_view(load_image(rec.image_path), size, crop_pct),
             "size": size, "crop_pct": crop_pct, "patch_px": size / grid[0]}, query))
     return entries
 
 
-def llava_entries(model, processor, records, instruction: str, generation=None, query: str = "predict"
-                  ) -> list[dict]:
-    """The same for LLaVA (one image at a time: one teacher-forced pass with eager attention per image)."""
+def llava_entries(model, processor, records, instruction: str, generation=None, query: str = "predict",
+                  captions: list[str] | None = None) -> list[dict]:
+    """The same for LLaVA (one image at a time: one teacher-forced pass with eager attention per image). With
+    ``captions``, those are teacher-forced (the instruction must be the one that produced them), as the tokenizer
+    splits them: the words are the caption's, though a generation may have split a word into other pieces."""
     from .data import load_image
     from .llava import LlavaGeneration, attention_maps
 
@@ -179,19 +200,67 @@ def llava_entries(model, processor, records, instruction: str, generation=None, 
     shortest = ip.size.get("shortest_edge", size) if isinstance(ip.size, dict) else size
     crop_pct = size / shortest
     patch = model.config.vision_config.patch_size
+    tok = processor.tokenizer
+    if captions is not None and len(captions) != len(records):
+        raise ValueError(f"{len(captions)} captions for {len(records)} images")
     entries = []
-    for rec in records:
+    for i, rec in enumerate(records):
         image = load_image(rec.image_path)
-        a = attention_maps(model, processor, image, instruction, generation or LlavaGeneration())
+        given = None if captions is None else tok(captions[i], add_special_tokens=False).input_ids
+        a = attention_maps(model, processor, image, instruction, generation or LlavaGeneration(), generated_ids=given)
         ids = a.token_ids
-        decode = lambda g, ids=ids: processor.tokenizer.decode([ids[i] for i in g])  # noqa: E731
-        words, maps = words_and_maps(a.token_strings, a.maps, decode)
+        decode = lambda g, ids=ids: tok.decode([ids[i] for i in g])  # noqa: E731
+        end = tok.eos_token or "</s>"
+        words, maps = with_end(*words_and_maps(a.token_strings, a.maps, decode), end, a.end_map)
+        read = with_end(*words_and_maps(a.token_strings, a.read_maps, decode), end, a.end_map)[1]
         entries.append(with_query({
-            "file_id": rec.file_id, "caption": a.caption, "words": words, "predict_maps": maps,
-            "read_maps": words_and_maps(a.token_strings, a.read_maps, decode)[1], "layers": a.layers,
+            "file_id": rec.file_id, "caption": a.caption if captions is None else captions[i], "words": words,
+            "predict_maps": maps, "read_maps": read, "layers": a.layers,
             "view": model_view(image, size, crop_pct), "size": size, "crop_pct": crop_pct,
             "patch_px": float(patch)}, query))
     return entries
+
+
+@dataclass
+class ScoredSettings:
+    """How the scored captions were decoded, read from a run's metrics: the captioner as notebook 03 scored it
+    (``metrics/captioner.json``), LLaVA as notebook 01's best setting (``metrics/llava.json``). Where a notebook has
+    not run, its model's defaults (greedy, :data:`hw3lib.llava.DEFAULT_INSTRUCTION`), and the label says so."""
+
+    captioner: object  # captioner.GenerationConfig
+    captioner_label: str
+    llava: object  # llava.LlavaGeneration
+    llava_label: str
+    llava_instruction: str
+    llava_first_sentence: bool
+
+
+def scored_settings(output_dir) -> ScoredSettings:
+    from pathlib import Path
+
+    from .captioner import GenerationConfig
+    from .data import read_json
+    from .llava import DEFAULT_INSTRUCTION, LlavaGeneration
+
+    metrics = Path(output_dir) / "metrics"
+    cap_file, llava_file = metrics / "captioner.json", metrics / "llava.json"
+    if cap_file.is_file():
+        gen = GenerationConfig(**read_json(cap_file)["generation"])
+        extras = "".join(f", {k} {v}" for k, v in (("length penalty", gen.length_penalty),
+                                                   ("no repeat n-gram", gen.no_repeat_ngram_size)) if v not in (1.0, 0))
+        cap_label = ("greedy" if gen.num_beams == 1 else f"beam {gen.num_beams}") + extras + \
+            f", at most {gen.max_new_tokens} tokens, as notebook 03 scored"
+    else:
+        gen, cap_label = GenerationConfig(), "greedy; notebook 03 has not run, so its decoding is not known"
+    if llava_file.is_file():
+        info = read_json(llava_file)
+        best = info["best"]
+        llava = LlavaGeneration.from_dict(best["generation_config"])
+        return ScoredSettings(gen, cap_label, llava, f"{llava.label}, notebook 01's best setting",
+                              best["instruction"], bool(info.get("first_sentence", False)))
+    llava = LlavaGeneration()
+    return ScoredSettings(gen, cap_label, llava, f"{llava.label}; notebook 01 has not run, so its default",
+                          DEFAULT_INSTRUCTION, False)
 
 
 def choose_layer(setting: int | str, n_layers: int, accuracy: dict[str, float] | None = None) -> int | str:

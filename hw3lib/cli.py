@@ -8,6 +8,7 @@
   hw3 download [--dry-run]                            fetch the real models into the Hugging Face cache
   hw3 rehearse --out DIR                              the hw3 profile's models (random) and COCO-like data
   hw3 lab [--port N]                                  JupyterLab on 127.0.0.1, the workbook's notebooks open
+  hw3 report [-f configs/demo.yaml]                   the report to hand in: report.md + report.pdf
 """
 from __future__ import annotations
 
@@ -104,6 +105,21 @@ def _cmd_run(args) -> int:
 
         os.environ[GPU_CAP_ENV] = f"{args.gpu_cap:g}"
     run(cfg, only=args.only, html=not args.no_html)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .handin import write_report
+    from .workbook import ROOT, WorkbookConfig
+
+    if args.output_dir:
+        out = Path(args.output_dir)
+        if not out.is_dir():
+            raise FileNotFoundError(f"--output-dir {out}: no such folder")
+    else:
+        out = WorkbookConfig.load(args.config).output_dir
+        out = out if out.is_absolute() else ROOT / out
+    write_report(out, pdf=not args.no_pdf)
     return 0
 
 
@@ -352,6 +368,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="override a parameter of the config, as papermill's -p (the value is read as YAML: 3, "
                         "0.5, true, text)")
     r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("report", help="assemble the report to hand in (report.md, report.pdf) from a run's metrics "
+                                       "and figures (hw3 run writes it too)")
+    rp.add_argument("-f", "--config", default="configs/demo.yaml", help="the config whose run to report (default: "
+                                                                         "demo)")
+    rp.add_argument("--output-dir", help="the run's folder instead (outputs/<profile>)")
+    rp.add_argument("--no-pdf", action="store_true", help="Markdown and HTML only (no chromium)")
+    rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo-data", help="build the shapes world (and any missing stand-in)")
     d.add_argument("--rebuild", nargs="*", metavar="NAME", default=None, choices=["decoder", "vit", "clip", "llava"],

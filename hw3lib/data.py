@@ -289,3 +289,13 @@ def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None
     """Write JSON through a temporary file and a rename (:func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
+
+
+def relative(path: str | Path, start: str | Path | None = None) -> str:
+    """``path`` relative to ``start`` (the working directory: the workbook's root in its notebooks) when it lies
+    inside it, else as given: what reports print, so that no one's home folder ends up in them."""
+    path, start = Path(path), Path(start or Path.cwd())
+    try:
+        return str(path.resolve().relative_to(start.resolve()))
+    except ValueError:
+        return str(path)

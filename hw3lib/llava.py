@@ -520,6 +520,7 @@ class LlavaAttention:
     token_strings: list[str]  # the tokenizer's own strings; word starts marked ("Ġ" byte-level, "▁" SentencePiece)
     maps: np.ndarray  # (T, len(layers), heads, rows, cols) float32
     read_maps: np.ndarray  # the same shape
+    end_map: np.ndarray  # (len(layers), heads, rows, cols): the step that predicted the end of the answer
     layers: list[int]
     span: tuple[int, int]  # image positions in the prompt
     prompt_length: int
@@ -558,7 +559,8 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     if T == 0:
         heads = model.config.text_config.num_attention_heads
         empty = np.zeros((0, len(layers), heads, rows, cols), np.float32)
-        return LlavaAttention("", [], [], [], empty, empty, layers, span, prompt_len)
+        return LlavaAttention("", [], [], [], empty, empty, np.zeros(empty.shape[1:], np.float32), layers, span,
+                              prompt_len)
     full = torch.cat([enc["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
     previous = {k: getattr(model.config, k)._attn_implementation for k in ("text_config", "vision_config")}
     model.set_attn_implementation("eager")  # attention weights exist only in the eager implementation
@@ -580,7 +582,7 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     # it becomes a word of its own with no text, which words_and_maps drops
     strings = [s if s is not None else " " for s in tok.convert_ids_to_tokens(generated_ids)]
     return LlavaAttention(tok.decode(generated_ids, skip_special_tokens=True).strip(), generated_ids, tokens,
-                          strings, maps[:T], maps[1:], layers, span, prompt_len)
+                          strings, maps[:T], maps[1:], maps[T], layers, span, prompt_len)
 
 
 # --------------------------------------------------------------------------------------------------- sweep

@@ -262,3 +262,34 @@ def clip_check(scorer: ClipScorer, records: list[Record], seed: int = 0) -> dict
     shuffled = (2.5 * (img * txt[torch.from_numpy(other).to(txt.device)]).sum(-1).clamp(min=0)).cpu().numpy()
     return {"auc": auc(true, shuffled), "mean_true": float(true.mean()), "mean_shuffled": float(shuffled.mean()),
             "true": true, "shuffled": shuffled}
+
+
+@dataclass
+class SplitScores:
+    """A captioner's captions of a split, scored as :func:`evaluate` scores a predictions file."""
+
+    predictions: dict[str, str]
+    cider: float
+    clipscore: float
+    per_cider: dict[str, float]
+    per_clip: dict[str, float]
+
+
+def score_split(model, encoder, transform, records: list[Record], gen, scorer: ClipScorer | None, image_dir,
+                batch_size: int = 64, features: torch.Tensor | None = None, device: str | None = None) -> SplitScores:
+    """Caption every image of ``records`` with ``model`` (decoding ``gen``) and score the captions: CIDEr-D over the
+    split and CLIPScore (NaN without a ``scorer``). ``features``: the encoder's, when already extracted (several
+    adapters of one encoder share them). Notebook 03 scores the main adapter with it, notebook 02 its LoRA attempts,
+    so their numbers are comparable."""
+    from .captioner import caption_features, extract_features
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if features is None:
+        features = extract_features(encoder, transform, records, model.cfg.encoder, batch_size, device)
+    model.to(device)
+    with torch.no_grad():
+        captions = caption_features(model, features, gen, batch_size, device)
+    predictions = {r.file_id: c for r, c in zip(records, captions)}
+    score, per_cider = cider(predictions, {r.file_id: list(r.references) for r in records})
+    clip_mean, per_clip = clip_score(scorer, predictions, image_dir) if scorer is not None else (float("nan"), {})
+    return SplitScores(predictions, score, clip_mean, per_cider, per_clip)

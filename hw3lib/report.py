@@ -14,15 +14,15 @@ from .data import write_json_atomic
 CUDA_PEAK_ENV = "HW3_CUDA_PEAK_FILE"  # set by the workbook runner for each notebook's kernel
 
 
-def save_metrics(output_dir: str | Path, section: str, values: dict) -> Path:
-    """Write ``values`` as ``<output_dir>/metrics/<section>.json`` (atomically) and return the path.
+def save_metrics(output_dir: str | Path, section: str, values: dict) -> None:
+    """Write ``values`` as ``<output_dir>/metrics/<section>.json`` (atomically). Nothing is returned: as a
+    notebook's last line it shows no output.
 
     In a kernel started by the workbook runner, it also records PyTorch's CUDA memory peaks so far (see
     :func:`record_cuda_peak`): notebooks save their metrics at the end of their work."""
     path = Path(output_dir) / "metrics" / f"{section}.json"
     write_json_atomic(path, values)
     record_cuda_peak()
-    return path
 
 
 def record_cuda_peak() -> None:

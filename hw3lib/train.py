@@ -384,24 +384,27 @@ def _save_last(path: Path, model, opt, sched, epoch, history, best, run_key: str
                     "run_key": run_key}, tmp)
 
 
-# --------------------------------------------------------------------------------------------------- variants
-def variant_configs(cfg, lora_r: int, lora_targets: tuple[str, ...]) -> dict:
-    """The report's LoRA variants of a main configuration: another rank on other layers (alpha = 2 r), and the
-    main one without the visual LayerNorm (the scale pitfall, measured)."""
-    other = replace(cfg.lora, r=lora_r, alpha=2 * lora_r, targets=lora_targets)
-    return {f"r={lora_r} on {','.join(lora_targets)}": replace(cfg, lora=other),
-            "main, no visual LayerNorm": replace(cfg, visual_norm=False)}
+# --------------------------------------------------------------------------------------------------- attempts
+def attempt_configs(cfg, lora_r: int, lora_targets: tuple[str, ...]) -> dict:
+    """The report's two LoRA attempts, each changing **one** knob of the main configuration ``cfg``: the rank (alpha
+    scaled with it, so that the update's scale alpha / r stays the main run's) and the adapted layers (rank and
+    alpha kept). Then the LayerNorm ablation: the main configuration without the visual LayerNorm (an ablation of
+    the projection, not a LoRA setting). ``{name: (what changed, config)}``."""
+    scale = cfg.lora.alpha / cfg.lora.r
+    alpha = scale * lora_r
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    main_targets = ",".join(cfg.lora.targets)
+    return {
+        "attempt 1": (f"rank {cfg.lora.r} -> {lora_r} (alpha {cfg.lora.alpha} -> {alpha}: alpha / r kept)",
+                      replace(cfg, lora=replace(cfg.lora, r=lora_r, alpha=alpha))),
+        "attempt 2": (f"targets {main_targets} -> {','.join(lora_targets)}",
+                      replace(cfg, lora=replace(cfg.lora, targets=tuple(lora_targets)))),
+        "ablation": ("no visual LayerNorm (not a LoRA setting)", replace(cfg, visual_norm=False))}
 
 
-def variant_rows(runs: dict[str, tuple], at: int) -> list[dict]:
-    """One table row per run ``{name: (CaptionerConfig, TrainResult, trainable parameters)}``, every run compared
-    after the same number of epochs ``at``, next to its last epoch."""
-    rows = []
-    for name, (cfg, result, params) in runs.items():
-        at_row, last = result.history[min(at, len(result.history)) - 1], result.history[-1]
-        rows.append({"variant": name, "LoRA r": cfg.lora.r, "targets": ", ".join(cfg.lora.targets),
-                     "visual norm": cfg.visual_norm, "trainable params": params,
-                     f"val CIDEr @ {at}": at_row["val_cider"],
-                     f"val CLIPScore @ {at}": at_row.get("val_clipscore", float("nan")),
-                     "epochs": len(result.history), "val CIDEr (last)": last["val_cider"]})
-    return rows
+def attempt_row(name: str, changed: str, cfg, params: int, epochs: int, scores) -> dict:
+    """One row of the LoRA attempts table: a column for every knob, then the whole-val-split scores."""
+    lora = cfg.lora
+    return {"run": name, "changed": changed, "LoRA r": lora.r, "alpha": lora.alpha, "alpha / r": lora.alpha / lora.r,
+            "dropout": lora.dropout, "targets": ", ".join(lora.targets), "visual norm": cfg.visual_norm,
+            "trainable params": params, "epochs": epochs, "val CIDEr": scores.cider, "val CLIPScore": scores.clipscore}

@@ -126,42 +126,46 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
 def llava_data_flow(config, instruction: str) -> Figure:
     """LLaVA-1.5's data flow, with the sizes of ``config`` (a ``LlavaConfig``): image -> CLIP vision tower ->
     patch features of layer ``vision_feature_layer`` -> MLP projector -> visual tokens spliced into the prompt at
-    the ``<image>`` placeholder -> language model -> caption."""
+    the ``<image>`` placeholder -> language model -> caption. Every text is wrapped to its box."""
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     vc, tc = config.vision_config, config.text_config
     grid = vc.image_size // vc.patch_size
-    fig, ax = plt.subplots(figsize=(11, 3.6))
-    ax.set(xlim=(0, 11), ylim=(0, 3.6))
+    fig, ax = plt.subplots(figsize=(12, 4.4))
+    ax.set(xlim=(0, 12), ylim=(0, 4.4))
     ax.axis("off")
 
-    def box(x, y, w, h, text, color):
+    def box(x, y, w, h, lines, color, size=8.5):
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="0.3"))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5, wrap=True)
+        chars = max(8, int(w * 72 / (0.6 * size)))  # characters per line: ~0.6 em per character
+        text = "\n".join(part for line in lines for part in textwrap.wrap(line, chars) or [""])
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, linespacing=1.25)
 
     def arrow(x0, y0, x1, y1, label=""):
         ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="0.25"))
         if label:
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, label, ha="center", fontsize=7.5, color="0.25")
+            ax.text((x0 + x1) / 2 + 0.08, (y0 + y1) / 2, label, ha="left", va="center", fontsize=7.5, color="0.25")
 
-    box(0.1, 2.3, 1.4, 0.9, f"image\nresize + crop\n{vc.image_size} x {vc.image_size}", "#f3f3f3")
-    box(2.0, 2.3, 1.9, 0.9, f"CLIP vision tower\n{vc.num_hidden_layers} layers, width {vc.hidden_size}\n"
-        f"patch {vc.patch_size} (frozen)", "#dbe9f6")
-    box(4.4, 2.3, 1.7, 0.9, f"layer {config.vision_feature_layer} features\n{grid} x {grid} = {grid * grid} "
-        f"patches\n(CLS dropped)", "#dbe9f6")
-    box(6.6, 2.3, 1.7, 0.9, f"projector\nLinear-{config.projector_hidden_act.upper()}-Linear\n"
-        f"{vc.hidden_size} -> {tc.hidden_size}", "#fde8c8")
-    box(0.1, 0.5, 3.8, 0.9, f"prompt: USER: <image>\\n{instruction} ASSISTANT:", "#f3f3f3")
-    box(4.4, 0.5, 3.9, 0.9, f"token embeddings; the {grid * grid} <image> placeholders\nreplaced by the visual "
-        f"tokens (found by token id {config.image_token_id})", "#fde8c8")
-    box(8.8, 0.5, 2.0, 2.7, f"language model\n(Llama: {tc.num_hidden_layers} layers,\nwidth {tc.hidden_size}, "
-        f"vocab {tc.vocab_size:,})\n\n-> caption,\none token at a time", "#e1f0dc")
-    arrow(1.5, 2.75, 2.0, 2.75)
-    arrow(3.9, 2.75, 4.4, 2.75, "hidden states")
-    arrow(6.1, 2.75, 6.6, 2.75)
-    arrow(7.45, 2.3, 7.0, 1.4, "visual tokens")
-    arrow(3.9, 0.95, 4.4, 0.95, "tokenize")
-    arrow(8.3, 0.95, 8.8, 0.95)
+    top, low, h = 2.8, 0.4, 1.3
+    box(0.1, top, 1.6, h, ["image", "resize + centre crop", f"{vc.image_size} x {vc.image_size}"], "#f3f3f3")
+    box(2.1, top, 2.2, h, ["CLIP vision tower (frozen)", f"{vc.num_hidden_layers} layers, width {vc.hidden_size}",
+                           f"patch {vc.patch_size}"], "#dbe9f6")
+    box(4.7, top, 2.2, h, [f"layer {config.vision_feature_layer} features", f"{grid} x {grid} = {grid * grid} patches",
+                           "(CLS dropped)"], "#dbe9f6")
+    box(7.3, top, 2.0, h, ["projector", f"Linear - {config.projector_hidden_act.upper()} - Linear",
+                           f"{vc.hidden_size} -> {tc.hidden_size}"], "#fde8c8")
+    box(0.1, low, 4.2, h, ["prompt:", "USER: <image>", f"{instruction} ASSISTANT:"], "#f3f3f3")
+    box(4.7, low, 4.6, h, ["token embeddings:", f"the {grid * grid} <image> placeholders are replaced by the visual "
+                           f"tokens (found by token id {config.image_token_id})"], "#fde8c8")
+    box(9.7, low, 2.2, top + h - low, ["language model", f"Llama: {tc.num_hidden_layers} layers, width "
+                                       f"{tc.hidden_size}", f"vocabulary {tc.vocab_size:,}", "",
+                                       "-> the caption, one token at a time"], "#e1f0dc")
+    arrow(1.7, top + h / 2, 2.1, top + h / 2)
+    arrow(4.3, top + h / 2, 4.7, top + h / 2)
+    arrow(6.9, top + h / 2, 7.3, top + h / 2)
+    arrow(8.3, top, 7.6, low + h, "visual tokens")
+    arrow(4.3, low + h / 2, 4.7, low + h / 2)
+    arrow(9.3, low + h / 2, 9.7, low + h / 2)
     ax.set_title("LLaVA-1.5: how an image becomes a caption", fontsize=11)
     fig.tight_layout()
     return fig
@@ -197,27 +201,39 @@ def sweep_plot(rows: list[dict], x: str = "cider", y: str = "clipscore") -> Figu
 
 def word_attention(view, words: list[str], maps: np.ndarray, title: str = "", note: str = "",
                    per_row: int = 6) -> Figure:
-    """The course's report layout: the image as the model saw it, then one panel per generated word with that
-    word's attention (``maps``: (W, rows, cols)) upsampled and overlaid. ``note`` says which layer / heads."""
+    """The course's report layout: the image as the model saw it, then one panel per generated word (the last: the
+    end token) with that word's attention (``maps``: (W, rows, cols)) upsampled and overlaid. ``note`` says which
+    layer / heads.
+
+    Every panel shares one colour scale, from 0 to the largest weight in the figure, with a colour bar: a word
+    whose attention is spread thin over the image looks faint, not as hot as a sharp one (scaling each panel to its
+    own range would hide exactly that)."""
     from .attention import upsample
 
     size = view.size[0]
     n = len(words) + 1
     rows = -(-n // per_row)
-    fig, axes = plt.subplots(rows, per_row, figsize=(1.9 * per_row, 2.05 * rows + 0.5), squeeze=False)
+    vmax = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.9 * per_row + 0.6, 2.05 * rows + 0.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(view)
     axes.flat[0].set_title("<image>", fontsize=9)
+    shown = None
     for ax, word, m in zip(list(axes.flat)[1:], words, maps):
         ax.imshow(view)
-        ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0),
-                  vmin=float(m.min()), vmax=float(m.max()) if m.max() > m.min() else float(m.min()) + 1e-6)
+        shown = ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0), vmin=0.0, vmax=vmax)
         ax.set_title(word, fontsize=10)
     width = 20 * per_row  # characters that fit the figure's width at this font size
-    lines = [line for t in (title, note) if t for line in textwrap.wrap(t, width, max_lines=3, placeholder=" ...")]
+    scale = f"one colour scale for all panels: attention weight of an image patch, 0 to {vmax:.3g}"
+    lines = [line for t in (title, note, scale) if t
+             for line in textwrap.wrap(t, width, max_lines=3, placeholder=" ...")]
     fig.suptitle("\n".join(lines), fontsize=9.5)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 0.5 / fig.get_figwidth(), 1))
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=list(axes.flat), fraction=0.012, pad=0.01)
+        bar.set_label("attention weight", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     return fig
 
 
@@ -244,7 +260,8 @@ def attention_browser(entries: dict[str, dict], show: bool = True):
     ``entries``: ``{"<image> / <model>": {"view": PIL image, "words": [...], "maps": (W, L, H, rows, cols),
     "layers": [layer labels], "layer": the layer shown first (default: the last)}}``. It redraws from these maps
     only; nothing is recomputed. Widget state does not survive papermill / HTML export: notebooks draw the static
-    grids as well. Returns the widget (displayed when ``show``).
+    grids as well. Returns the widget (displayed when ``show``). The colour scale runs from 0 to the largest weight
+    among the image's words in the chosen layer and heads, as in :func:`word_attention`.
 
     Each view is drawn off-screen into a PNG that an ``Image`` widget shows, not into an ``Output`` widget: under
     ipykernel 7, a cell that drew into an ``Output`` widget lost its execute reply in about one run of six, and the
@@ -290,14 +307,16 @@ def attention_browser(entries: dict[str, dict], show: bool = True):
         if not e["words"]:
             note.value, image.value = f"{pick.value}: no words", b""
             return
-        m = aggregate(e["maps"][word.value : word.value + 1], layer.value, heads.value)[0]
+        every = aggregate(e["maps"], layer.value, heads.value)  # the scale: every word of this image and view
+        m, vmax = every[word.value], max(float(every.max()), 1e-12)
         size = e["view"].size[0]
-        fig = Figure(figsize=(3.6, 3.8))  # not pyplot's: nothing is shown, nothing is left open
+        fig = Figure(figsize=(4.2, 3.8))  # not pyplot's: nothing is shown, nothing is left open
         ax = fig.subplots()
         ax.imshow(e["view"])
-        ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
+        shown = ax.imshow(upsample(m, size), cmap="jet", alpha=0.5, extent=(0, size, size, 0), vmin=0.0, vmax=vmax)
         ax.set_title(f"{e['words'][word.value]!r}  (layer {layer.label}, heads {heads.label})", fontsize=9)
         ax.axis("off")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
         note.value, image.value = "", png.getvalue()

@@ -153,7 +153,7 @@ for rec in shown:
 # `hw3_1.sh` must produce, and its settings are recorded for the attention notebook.
 
 # %%
-summary = sweep_summary(rows, P.llava_model, len(records))
+summary = {**sweep_summary(rows, P.llava_model, len(records)), "first_sentence": P.llava_first_sentence}
 best = summary["best"]
 shutil.copyfile(best["predictions"], out / "p1_predictions.json")
 save_metrics(out, "llava", summary)

@@ -33,10 +33,10 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.captioner import GenerationConfig, caption_images, load_adapter
-from hw3lib.data import hw3_split, write_json_atomic
+from hw3lib.captioner import GenerationConfig, load_adapter
+from hw3lib.data import hw3_split, relative, write_json_atomic
 from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
-from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score
+from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score, score_split
 from hw3lib.params import read
 from hw3lib.report import save_metrics
 
@@ -49,26 +49,27 @@ gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, l
                        no_repeat_ngram_size=P.no_repeat_ngram_size)
 
 # %% [markdown]
-# ## Caption the validation images
+# ## Caption the validation images, and score them
 #
-# The same call as `hw3 caption IMAGES OUT.json DECODER --adapter ADAPTER` (the course's `hw3_2.sh`).
+# The captions are those `hw3 caption IMAGES OUT.json DECODER --adapter ADAPTER` (the course's `hw3_2.sh`) writes;
+# `score_split` scores them as the course's `evaluate.py` does. Notebook 02 scores its LoRA attempts with the same
+# function and the same decoding, so its table and this notebook agree.
 
 # %%
 model, encoder_model, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 val = hw3_split(root, "p2_data")
-predictions = caption_images(model, encoder_model, transform, root / "p2_data/images/val", gen, P.batch_size)
-predictions = {r.file_id: predictions[r.file_id] for r in val}
+scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+scored = score_split(model, encoder_model, transform, val, gen, scorer, root / "p2_data/images/val", P.batch_size)
+predictions, score, per_cider, clip_mean, per_clip = (scored.predictions, scored.cider, scored.per_cider,
+                                                      scored.clipscore, scored.per_clip)
 write_json_atomic(out / "p2_val_predictions.json", predictions)
-print(f"{len(predictions)} captions -> {out / 'p2_val_predictions.json'}")
+print(f"{len(predictions)} captions -> {relative(out / 'p2_val_predictions.json')}")
 
 # %% [markdown]
-# ## CIDEr, CLIPScore, and a baseline that does not look at the image
+# ## Against a baseline that does not look at the image
 
 # %%
 references = {r.file_id: list(r.references) for r in val}
-score, per_cider = cider(predictions, references)
-scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
-clip_mean, per_clip = clip_score(scorer, predictions, root / "p2_data/images/val")
 train_refs = [c for r in hw3_split(root, "p2_data", "train") for c in r.references]
 common, count = Counter(train_refs).most_common(1)[0]
 baseline, _ = cider({k: common for k in references}, references)
@@ -148,10 +149,9 @@ plt.show()
 # %%
 training_file = out / "metrics/captioner_training.json"
 training = json.loads(training_file.read_text()) if training_file.is_file() else {}
-summary["variants"] = training.get("variants", [])
+summary["attempts"] = training.get("attempts", [])
 summary["generation"] = asdict(gen)
 save_metrics(out, "captioner", summary)
-{k: v for k, v in summary.items() if k != "variants"}
 
 # %% [markdown]
 # ## Try it yourself

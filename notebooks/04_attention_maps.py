@@ -32,7 +32,6 @@ pointing_images: int = 100  # val images scored for pointing accuracy (shapes wo
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -40,11 +39,11 @@ from IPython.display import Markdown, display
 
 from hw3lib import viz
 from hw3lib.attention import (QUERIES, aggregate, captioner_entries, check_query, choose_view, llava_entries,
-                              with_query)
-from hw3lib.captioner import load_adapter
-from hw3lib.data import hw3_split, list_images
+                              scored_settings, with_query)
+from hw3lib.captioner import caption_images, load_adapter
+from hw3lib.data import hw3_split, list_images, relative
 from hw3lib.demo.world import ground_truth
-from hw3lib.llava import DEFAULT_INSTRUCTION, load_llava
+from hw3lib.llava import caption_records, load_llava
 from hw3lib.params import read
 from hw3lib.report import save_metrics
 
@@ -54,24 +53,28 @@ root, out = Path(P.data_root), Path(P.output_dir)
 (out / "figures").mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
-# ## The two models
+# ## The two models, and the captions that were scored
 #
-# The captioner is the best adapter of notebook 02; LLaVA asks the best instruction of notebook 01 (when it ran).
+# The captioner is the best adapter of notebook 02, decoding as notebook 03 decoded when it scored the captions
+# (its `generation` in `metrics/captioner.json`); LLaVA asks notebook 01's best instruction with its best generation
+# config. Each P3 figure below shows the caption those settings give, and its maps are read by teacher forcing that
+# very caption: what you see is what was scored.
 
 # %%
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
-llava_metrics = out / "metrics/llava.json"
-best_instruction = json.loads(llava_metrics.read_text())["best"]["instruction"] if llava_metrics.is_file() else None
-instruction = P.llava_instruction or best_instruction or DEFAULT_INSTRUCTION
+settings = scored_settings(out)
+instruction = P.llava_instruction or settings.llava_instruction
 captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
 llava, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
-print(f"captioner: {adapter}\nLLaVA: {P.llava_model}, instruction {instruction!r}")
+display(Markdown(viz.markdown_table([
+    {"model": "captioner", "weights": relative(adapter), "decoding": settings.captioner_label},
+    {"model": "LLaVA", "weights": P.llava_model, "decoding": f"{instruction!r}, {settings.llava_label}"}])))
 
 # %% [markdown]
 # ## Pointing accuracy by layer (shapes world)
 #
-# Each model captions the first validation images (the captioner on p2 val, LLaVA on p1 val). Every colour or
-# shape word in the captions is scored at every layer, with each query's maps.
+# Each model captions the first validation images (the captioner on p2 val, LLaVA on p1 val), decoding as above.
+# Every colour or shape word in the captions is scored at every layer, with each query's maps.
 
 # %%
 tables = {}
@@ -80,11 +83,10 @@ if ground_truth(root / "p2_data") is not None:
 
     for name, part in (("captioner", "p2_data"), ("llava", "p1_data")):
         recs = hw3_split(root, part)[: P.pointing_images]
-        entries = (captioner_entries(captioner, encoder, transform, recs) if name == "captioner"
-                   else llava_entries(llava, processor, recs, instruction))
+        entries = (captioner_entries(captioner, encoder, transform, recs, settings.captioner) if name == "captioner"
+                   else llava_entries(llava, processor, recs, instruction, settings.llava))
         tables[name] = {q: pointing_table(entries, root / part, P.attention_heads, q) for q in QUERIES}
-    summary, rows = pointing_summary(tables, P.attention_heads)
-    display(Markdown(viz.markdown_table(rows)))
+    summary, _ = pointing_summary(tables, P.attention_heads)  # its rows: the numbers of the figure, in metrics
     fig = viz.pointing_table_plot({f"{name}, {q}": summary[name][q] for name in tables for q in QUERIES},
                                   summary["chance"])
     fig.savefig(out / "figures/04_pointing.png", dpi=110)
@@ -95,20 +97,26 @@ else:
     print("not the shapes world: no ground truth for pointing accuracy")
 
 # %% [markdown]
-# Read the table against the `chance` column: a map that ignored the image would still point correctly that often.
-# Which layer and which query point best for each model, and how far above chance are they? The maps drawn below
-# follow the `attention_layer` and `attention_query` parameters; `"best"` takes the row with the highest pointing
-# accuracy.
+# Read the bars against the dashed `chance` line: a map that ignored the image would still point correctly that
+# often. Which layer and which query point best for each model, and how far above chance are they? The maps drawn
+# below follow the `attention_layer` and `attention_query` parameters; `"best"` takes the layer and query with the
+# highest pointing accuracy (all the numbers are in `metrics.json`, under `attention`).
 #
 # ## The five P3 images, both models
 #
-# Each figure is the course's report layout: the image as the model saw it, then one panel per word. Its title
-# says the layer, the query and the head aggregation.
+# Each figure is the course's report layout: the image as the model saw it, then one panel per word, the end token
+# last. Its title says the layer, the query and the head aggregation; all its panels share one colour scale.
 
 # %%
 p3 = list_images(root / "p3_data/images")
-p3_entries = {"captioner": captioner_entries(captioner, encoder, transform, p3),
-              "llava": llava_entries(llava, processor, p3, instruction)}
+p3_captions = {
+    "captioner": caption_images(captioner, encoder, transform, root / "p3_data/images", settings.captioner),
+    "llava": caption_records(llava, processor, p3, instruction, settings.llava, batch_size=len(p3),
+                             first_sentence=settings.llava_first_sentence, progress=False)}
+p3_entries = {"captioner": captioner_entries(captioner, encoder, transform, p3,
+                                             captions=[p3_captions["captioner"][r.file_id] for r in p3]),
+              "llava": llava_entries(llava, processor, p3, instruction,
+                                     captions=[p3_captions["llava"][r.file_id] for r in p3])}
 for name, entries in p3_entries.items():
     query, layer = choose_view(P.attention_layer, P.attention_query, len(entries[0]["layers"]), summary.get(name))
     for i, e in enumerate(entries):
@@ -136,8 +144,13 @@ browser = viz.attention_browser({f"{e['file_id']} / {name}": e for name, entries
 summary["layer_shown"] = {name: str(entries[0]["layer"]) for name, entries in p3_entries.items()}
 summary["query_shown"] = {name: entries[0]["query"] for name, entries in p3_entries.items()}
 summary["p3_captions"] = {name: {e["file_id"]: e["caption"] for e in entries} for name, entries in p3_entries.items()}
+summary["p3_words"] = {name: {e["file_id"]: e["words"] for e in entries} for name, entries in p3_entries.items()}
+summary["p3_decoding"] = {"captioner": settings.captioner_label, "llava": f"{instruction!r}, {settings.llava_label}"}
+summary["heads"] = P.attention_heads
 save_metrics(out, "attention", summary)
-{k: v for k, v in summary.items() if k != "p3_captions"}
+display(Markdown(viz.markdown_table([{"model": name, "layer shown": summary["layer_shown"][name],
+                                      "query shown": summary["query_shown"][name], "heads": P.attention_heads,
+                                      "decoding": summary["p3_decoding"][name]} for name in p3_entries])))
 
 # %% [markdown]
 # ## Try it yourself

@@ -45,9 +45,9 @@ scores = np.array([v["clipscore"] for v in per_image.values()])
 ranked = sorted(per_image, key=lambda k: per_image[k]["clipscore"])
 top, bottom = ranked[-1], ranked[0]
 fig = viz.score_histograms({"captioner on p2 val": scores}, title="CLIPScore of each validation caption")
-for key, label in ((top, "top-1"), (bottom, "last-1")):
+for key, label, side in ((top, "top-1 ", "right"), (bottom, " last-1", "left")):  # the labels point inwards
     fig.axes[0].axvline(per_image[key]["clipscore"], color="k", ls="--", lw=1)
-    fig.axes[0].text(per_image[key]["clipscore"], fig.axes[0].get_ylim()[1] * 0.9, f" {label}", fontsize=8)
+    fig.axes[0].text(per_image[key]["clipscore"], fig.axes[0].get_ylim()[1] * 0.9, label, fontsize=8, ha=side)
 fig.savefig(out / "figures/05_clipscore_histogram.png", dpi=110)
 plt.show()
 print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard deviation {scores.std():.3f}, "
@@ -56,8 +56,8 @@ print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard 
 # %% [markdown]
 # ## The two pairs, with the attention of every word
 #
-# The maps use the layer and the query that notebook 04 chose for the captioner (its `layer_shown` and
-# `query_shown`), so the two notebooks agree.
+# The maps are read by teacher forcing the very captions that notebook 03 scored, with the layer and the query that
+# notebook 04 chose for the captioner (its `layer_shown` and `query_shown`), so the two notebooks agree.
 
 # %%
 adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
@@ -66,17 +66,19 @@ attention_file = out / "metrics/attention.json"
 chosen = read_json(attention_file) if attention_file.is_file() else {}
 shown, query = chosen.get("layer_shown", {}), chosen.get("query_shown", {}).get("captioner", "predict")
 entries = dict(zip(("top", "bottom"), captioner_entries(captioner, encoder, transform, [val[top], val[bottom]],
-                                                       query=query)))
+                                                       query=query, captions=[per_image[top]["caption"],
+                                                                              per_image[bottom]["caption"]])))
 pairs = {label: {"image": key, **per_image[key], "references": list(val[key].references)}
          for label, key in (("top", top), ("bottom", bottom))}
 for label, e in entries.items():
     pair, layer = pairs[label], choose_layer(shown.get("captioner", "best"), len(e["layers"]))
+    pair["figure"], pair["words"] = f"figures/05_{label}.png", e["words"]  # the panels: the scored caption's words
     display(Markdown(f"**{label}-1: {pair['image']}**, CLIPScore {pair['clipscore']:.3f}, CIDEr {pair['cider']:.3f}"
                      f"\n\n- caption: *{pair['caption']}*\n" + "".join(f"- reference: {r}\n" for r in pair["references"])))
     fig = viz.word_attention(e["view"], e["words"], aggregate(e["maps"], layer, P.attention_heads),
-                             title=f"{label}-1 by CLIPScore: {e['caption']}",
+                             title=f"{label}-1 by CLIPScore ({pair['clipscore']:.3f}): {e['caption']}",
                              note=f"captioner, layer {layer}, {query} query, heads {P.attention_heads}")
-    fig.savefig(out / f"figures/05_{label}.png", dpi=100)
+    fig.savefig(out / pair["figure"], dpi=100)
     plt.show()
 
 # %% [markdown]

@@ -116,6 +116,31 @@ def test_captioner_maps_cover_the_pooled_grid_and_equal_the_generation_steps(mod
         np.testing.assert_allclose(res["maps"], steps[:T], atol=1e-5)
         np.testing.assert_allclose(res["read_maps"][: len(steps) - 1], steps[1:T + 1], atol=1e-5)
         assert np.all(res["maps"].sum(axis=(-1, -2)) < 1 + 1e-5)  # the CLS and text positions take the rest
+        np.testing.assert_allclose(res["end_map"], steps[T], atol=1e-5)  # the step that predicted the end
+    # given the captions (the ones that were scored), the same maps by teacher forcing, no generation
+    given = captioner_maps(model, feats, encoder_grid(encoder), batch_size=2, captions=[r["caption"] for r in out])
+    for a, b in zip(out, given):
+        assert a["caption"] == b["caption"] and a["token_ids"] == b["token_ids"]
+        for key in ("maps", "read_maps", "end_map"):
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    with pytest.raises(ValueError, match="1 captions for 2 images"):
+        captioner_maps(model, feats, encoder_grid(encoder), captions=["a red circle"])
+
+
+def test_word_figure_has_one_colour_scale_and_the_end_token():
+    from hw3lib.attention import END_WORD, with_end
+    from hw3lib.viz import word_attention
+
+    maps = np.zeros((2, 3, 3), np.float32)
+    maps[0, 0, 0], maps[1] = 0.5, 0.01  # a sharp word and a spread-out one
+    words, maps = with_end(["red", "the"], maps, END_WORD, np.full((3, 3), 0.02, np.float32))
+    assert words == ["red", "the", END_WORD] and maps.shape == (3, 3, 3)
+    fig = word_attention(Image.new("RGB", (48, 48)), words, maps, title="t")
+    overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "jet"]
+    assert len(overlays) == 3 and {im.get_clim() for im in overlays} == {(0.0, 0.5)}
+    assert any(ax.get_ylabel() == "attention weight" for ax in fig.axes)  # the colour bar
+    assert "one colour scale for all panels" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["<image>", "red", "the", END_WORD]
 
 
 def test_browser_controls_hold_values_across_images():

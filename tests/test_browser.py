@@ -12,7 +12,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,9 +34,10 @@ SHOTS = ROOT / "outputs/browser_test"
 
 
 def _chromium() -> str:
-    for name in (os.environ.get("HW3_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and (found := shutil.which(name)):
-            return found
+    from hw3lib.handin import find_chromium
+
+    if found := find_chromium():
+        return found
     if os.environ.get("HW3_SKIP_BROWSER_TEST") == "1":
         pytest.skip("HW3_SKIP_BROWSER_TEST=1")
     pytest.fail("no chromium to drive: `apt-get install chromium` (or HW3_CHROMIUM=/path/to/chrome); "

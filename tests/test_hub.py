@@ -17,48 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import CLIP_REPO, LLAVA_ID, TIMM_NAME  # noqa: F401 -- the hf_home fixture's names
 
-from hw3lib.rehearsal.hub_cache import repo_folder, write_folder, write_repo
-
-LLAVA_ID = "llava-hf/llava-1.5-7b-hf"
-TIMM_NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"
-
-
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory, models_dir):
-    """An HF_HOME whose hub cache holds the three models under their real ids (built once, ~10 s)."""
-    import open_clip
-    import timm
-    from safetensors.torch import save_file
-    from transformers import LlavaForConditionalGeneration
-
-    home = tmp_path_factory.mktemp("hf_home")
-    cache, work = home / "hub", tmp_path_factory.mktemp("saved")
-    # LLaVA: the stand-in, re-saved in shards so that a missing shard can be tested; its processor files beside it
-    llava = LlavaForConditionalGeneration.from_pretrained(models_dir / "llava")
-    llava.save_pretrained(work / "llava", max_shard_size="5MB")
-    for f in (models_dir / "llava").iterdir():
-        if f.suffix != ".safetensors" and f.name != "train_log.json" and not (work / "llava" / f.name).exists():
-            shutil.copy(f, work / "llava" / f.name)
-    assert len(list((work / "llava").glob("model-*.safetensors"))) > 1
-    write_folder(LLAVA_ID, work / "llava", cache)
-    # timm: random weights of a real timm name, in timm's hub format
-    torch.manual_seed(0)
-    vit = timm.create_model(TIMM_NAME, pretrained=False)
-    save_file(vit.state_dict(), work / "vit.safetensors")
-    (work / "config.json").write_text(json.dumps({"architecture": TIMM_NAME.split(".")[0], "num_classes": 1000,
-                                                  "pretrained_cfg": vit.pretrained_cfg}, default=str))
-    write_repo(f"timm/{TIMM_NAME}", {"model.safetensors": work / "vit.safetensors",
-                                     "config.json": work / "config.json"}, cache)
-    # CLIP ViT-B/32 (QuickGELU): random weights, fp16 to halve the file, as open_clip's 'openai' tag expects
-    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()}, work / "clip.safetensors")
-    write_repo(CLIP_REPO, {"open_clip_model.safetensors": work / "clip.safetensors"}, cache)
-    body = {k: v for k, v in vit.state_dict().items() if not k.startswith("head")}  # num_classes=0 drops the head
-    torch.save({"vit_sum": sum(float(v.double().sum()) for v in body.values())}, home / "expected.pt")
-    return home
+from hw3lib.rehearsal.hub_cache import repo_folder
 
 
 def hw3(args: list[str], home: Path, timeout: float = 300, code: str | None = None):

@@ -225,6 +225,31 @@ def test_attention_equals_the_attentions_generate_records(llava, p1_records):
                 np.testing.assert_allclose(att.read_maps[t, layer], ref.float().numpy(), atol=1e-5)
     assert len(out.attentions) > T - 1 > 0
     assert np.all(att.maps.sum(axis=(-1, -2)) <= 1 + 1e-5)
+    if len(out.attentions) > T:  # the answer ended with </s>: the end token's map is the step that predicted it
+        for layer in range(L):
+            ref = out.attentions[T][layer][0, :, -1, s:e].reshape(H, grid, grid)
+            np.testing.assert_allclose(att.end_map[layer], ref.float().numpy(), atol=1e-5)
+
+
+def test_entries_of_given_captions_are_teacher_forced(llava, p1_records):
+    """The figures of notebooks 04 and 05 read the maps of the captions that were scored, not of new ones."""
+    from hw3lib.attention import llava_entries
+
+    model, processor = llava
+    generated = llava_entries(model, processor, p1_records[:2], DEFAULT_INSTRUCTION, LlavaGeneration(max_new_tokens=12))
+    given = llava_entries(model, processor, p1_records[:2], DEFAULT_INSTRUCTION,
+                          captions=[e["caption"] for e in generated])
+    tok = processor.tokenizer
+    for rec, a, b in zip(p1_records, generated, given):
+        assert a["caption"] == b["caption"] and a["words"] == b["words"] and a["words"][-1] == "</s>"
+        assert " ".join(a["words"][:-1]) == " ".join(a["caption"].split())
+        # the maps of the caption's own tokens (a generation may have split a word otherwise)
+        forced = attention_maps(model, processor, rec.image_path,
+                                generated_ids=tok(a["caption"], add_special_tokens=False).input_ids)
+        np.testing.assert_allclose(b["predict_maps"][-1], forced.end_map, atol=1e-6)
+        assert b["predict_maps"].shape[0] == len(b["words"])
+    other = llava_entries(model, processor, p1_records[:1], DEFAULT_INSTRUCTION, captions=["a red circle"])[0]
+    assert other["caption"] == "a red circle" and other["words"] == ["a", "red", "circle", "</s>"]
 
 
 def test_clear_errors(tmp_path, llava):

@@ -72,7 +72,19 @@ def test_committed_clean(path):
     assert "## Try it yourself" in nb.cells[-1].source, f"{path.name} ends with its exercises"
 
 
-def test_shapes_world_notebook_runs(world, tmp_path):
+@pytest.fixture
+def inside_outputs():
+    """An output folder inside the workbook (outputs/ is ignored by git), removed afterwards."""
+    import shutil
+    import uuid
+
+    path = wb.ROOT / "outputs" / f".pytest-{uuid.uuid4().hex[:8]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_shapes_world_notebook_runs(world, inside_outputs):
+    tmp_path = inside_outputs
     cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
     cfg.output_dir = tmp_path
     cfg.parameters = {**cfg.parameters, "num_show": 4}
@@ -82,19 +94,37 @@ def test_shapes_world_notebook_runs(world, tmp_path):
     html = (tmp_path / "report/00_shapes_world.html").read_text()
     assert html.count("data:image/png;base64") >= 4, "the figures are embedded in the report"
     assert json.loads((tmp_path / "metrics.json").read_text())["clip_check"] == merged["clip_check"]
+    # the executed notebook and its report name paths relative to the workbook: no one's home folder in them
+    for path in (tmp_path / "00_shapes_world.ipynb", tmp_path / "report/00_shapes_world.html"):
+        assert str(wb.ROOT) not in path.read_text(), path
+    params = nbformat.read(str(tmp_path / "00_shapes_world.ipynb"), as_version=4).cells
+    injected = next(c for c in params if "injected-parameters" in c.metadata.get("tags", []))
+    assert f"output_dir = \"outputs/{tmp_path.name}\"" in injected.source
 
 
 def test_captioner_notebooks_run_quickly(world, tmp_path):
     """02 then 03 on a slice of the training set: the papermill path, the metrics sections, the adapter hand-off."""
     cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
     cfg.output_dir = tmp_path
-    cfg.parameters = {**cfg.parameters, "num_epochs": 1, "variant_epochs": 1, "max_train_images": 60,
+    cfg.parameters = {**cfg.parameters, "num_epochs": 2, "ablation_epochs": 1, "max_train_images": 60,
                       "eval_images": 10, "max_new_tokens": 12, "num_show": 2}
     merged = wb.run(cfg, only=["02_train_lora_captioner", "03_evaluate"], html=False, log=lambda *_: None)
     captioner = merged["captioner"]
-    for key in ("cider", "clipscore", "caption_accuracy", "trainable_params", "baseline_cider", "variants"):
+    for key in ("cider", "clipscore", "caption_accuracy", "trainable_params", "baseline_cider", "attempts"):
         assert key in captioner, key
-    assert len(captioner["variants"]) == 3 and captioner["trainable_params"] < 10_000_000
+    assert captioner["trainable_params"] < 10_000_000
+    # the report's LoRA attempts: one knob each against the main run, its schedule, scored as 03 scores
+    main, *attempts, ablation = captioner["attempts"]
+    assert [a["run"] for a in attempts] == ["attempt 1", "attempt 2"] and ablation["run"] == "ablation"
+    knobs = ("lora_r", "alpha", "dropout", "targets", "visual_norm")
+    for a in attempts:
+        assert a["epochs"] == main["epochs"] == 2
+        changed = {k for k in knobs if a[k] != main[k]}
+        assert changed in ({"lora_r", "alpha"}, {"targets"}), changed
+        assert a["alpha_over_r"] == main["alpha_over_r"]
+    assert ablation["epochs"] == 1 and ablation["visual_norm"] is False
+    assert main["val_cider"] == pytest.approx(captioner["cider"]) and main["val_clipscore"] == pytest.approx(
+        captioner["clipscore"])  # 02 scores its runs with 03's code and decoding: the same adapter, the same numbers
     predictions = json.loads((tmp_path / "p2_val_predictions.json").read_text())
     per_image = json.loads((tmp_path / "p2_val_per_image.json").read_text())
     assert len(predictions) == 300 and set(per_image) == set(predictions)
