@@ -132,3 +132,34 @@ if world:
 #    "openai"`): the parser cell says there is nothing to parse. Compare the caption statistics with the demo's: which
 #    words dominate COCO-style captions, and what would a caption built from the ten most common words score?
 
+# %% [markdown]
+# **Write it yourself: CLIPScore from cosine similarities.** CLIP embeds the image and the caption; their
+# cosine similarity `cos` becomes CLIPScore `w * max(cos, 0)` with `w = 2.5` (Hessel et al., 2021). Write
+# `clipscore(cos)` for a NumPy array of cosines. Why does the clip at 0 make a spike in the histogram of
+# `00_clip_check.png`?
+#
+# <details><summary>Hint</summary>
+#
+# `np.maximum(cos, 0)` clips element-wise; multiply by 2.5. A caption that CLIP finds unrelated (a negative
+# cosine) scores exactly 0, however unrelated it is: all of them land in one bar.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def clipscore(cos):
+#     return 2.5 * np.maximum(cos, 0)
+# ```
+#
+# </details>
+
+# %%
+import numpy as np
+from hw3lib.exercises import check
+
+
+def clipscore(cos):
+    raise NotImplementedError  # your code: CLIPScore of each cosine in the array `cos`
+
+
+check("clipscore", clipscore)

@@ -189,3 +189,35 @@ display(Markdown(
 #    scores move?
 # 4. Write your own instruction (for example "Write a caption of at most ten words.") and add it to
 #    `llava_instructions`. Can you beat the best row?
+
+# %% [markdown]
+# **Write it yourself: where the image sits in the prompt.** The processor expands `<image>` into one
+# placeholder token per visual token (576 for LLaVA-1.5). Write `image_positions(input_ids, image_token_id)`, which
+# returns `(start, stop)` of that run in a 1-D tensor of ids, so that `input_ids[start:stop]` are all image tokens.
+# Attention maps slice the attention rows at exactly these positions: an offset by one shifts every map.
+#
+# <details><summary>Hint</summary>
+#
+# `(input_ids == image_token_id).nonzero()` gives the positions; the run starts at the first and stops one
+# after the last.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def image_positions(input_ids, image_token_id):
+#     positions = (input_ids == image_token_id).nonzero().flatten()
+#     return int(positions[0]), int(positions[-1]) + 1
+# ```
+#
+# </details>
+
+# %%
+from hw3lib.exercises import check
+
+
+def image_positions(input_ids, image_token_id):
+    raise NotImplementedError  # your code: (start, stop) of the image placeholder tokens
+
+
+check("image_positions", image_positions)

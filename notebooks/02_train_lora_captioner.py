@@ -223,3 +223,34 @@ save_metrics(out, "captioner_training", {
 #    in notebook 03 (caption accuracy) and notebook 04 (pointing accuracy).
 # 4. Set `lora_targets = "c_attn,c_fc,lm_head"`: does the count stay under the assignment's 10 M? Then try
 #    `lora_r = 256`: what does the check say?
+
+# %% [markdown]
+# **Write it yourself: a LoRA layer's forward.** A LoRA linear layer computes `W x + b + (alpha / r) B A x`,
+# with `W` (out x in) and `b` frozen, `A` (r x in) and `B` (out x r) trained. Write `lora_forward(x, W, b, A, B,
+# alpha, r)` for a batch `x` (batch x in) in plain PyTorch; the check compares it with loralib's `Linear`, the layer
+# this decoder uses.
+#
+# <details><summary>Hint</summary>
+#
+# Rows are samples, so a linear layer is `x @ W.T + b`. The update is `x @ A.T @ B.T`, scaled by
+# `alpha / r`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def lora_forward(x, W, b, A, B, alpha, r):
+#     return x @ W.T + b + (alpha / r) * (x @ A.T @ B.T)
+# ```
+#
+# </details>
+
+# %%
+from hw3lib.exercises import check
+
+
+def lora_forward(x, W, b, A, B, alpha, r):
+    raise NotImplementedError  # your code: the frozen layer plus the scaled low-rank update
+
+
+check("lora_forward", lora_forward)

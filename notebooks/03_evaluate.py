@@ -164,3 +164,37 @@ save_metrics(out, "captioner", summary)
 # 4. Score the baseline caption against a caption of your own with `hw3 evaluate --pred YOUR.json --annotation
 #    data/demo/hw3_data/p2_data/val.json --images data/demo/hw3_data/p2_data/images/val --clip-model
 #    data/demo/models/clip --clip-pretrained ""`. Can you write one fixed caption that beats the baseline's CIDEr?
+
+# %% [markdown]
+# **Write it yourself: the n-grams CIDEr counts.** CIDEr compares a caption with its references through
+# their n-grams for n = 1 to 4, each weighted by TF-IDF. Write `ngram_counts(words, n=4)`, a `Counter` of every
+# n-gram of the word list, as a tuple of words, for every length from 1 to `n`. The check compares it with
+# pycocoevalcap's own `precook`.
+#
+# <details><summary>Hint</summary>
+#
+# For each length `k` in `1..n`, the n-grams are `tuple(words[i:i + k])` for `i` in
+# `range(len(words) - k + 1)`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# from collections import Counter
+#
+#
+# def ngram_counts(words, n=4):
+#     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+# ```
+#
+# </details>
+
+# %%
+from hw3lib.exercises import check
+
+
+def ngram_counts(words, n=4):
+    raise NotImplementedError  # your code: a Counter of the 1- to n-grams of `words`, each a tuple
+
+
+check("ngram_counts", ngram_counts)

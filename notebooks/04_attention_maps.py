@@ -165,3 +165,42 @@ display(Markdown(viz.markdown_table([{"model": name, "layer shown": summary["lay
 #    look, and why might that be?
 # 5. Set `llava_instruction = "Describe the image in detail."`: longer captions, more words to score. Does LLaVA's
 #    pointing accuracy hold up over a long answer?
+
+# %% [markdown]
+# **Write it yourself: from tokens to words.** GPT-2 splits a rare word into pieces (`" circ"`, `"le"`);
+# the figures show one panel per word. Write `word_maps(token_strings, maps)`: a token that starts with a space
+# (or the first token) starts a new word, any other token continues the word before it; return the words (without
+# their spaces) and, per word, the mean of its tokens' maps (`maps` is an array with one map per token).
+#
+# <details><summary>Hint</summary>
+#
+# Collect the token indices of each word in a list of lists first; then
+# `np.stack([maps[group].mean(axis=0) for group in groups])`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def word_maps(token_strings, maps):
+#     groups = []
+#     for i, token in enumerate(token_strings):
+#         if not groups or token.startswith(" "):
+#             groups.append([i])
+#         else:
+#             groups[-1].append(i)
+#     words = ["".join(token_strings[i] for i in group).strip() for group in groups]
+#     return words, np.stack([maps[group].mean(axis=0) for group in groups])
+# ```
+#
+# </details>
+
+# %%
+import numpy as np
+from hw3lib.exercises import check
+
+
+def word_maps(token_strings, maps):
+    raise NotImplementedError  # your code: (words, one mean map per word)
+
+
+check("word_maps", word_maps)

@@ -123,3 +123,33 @@ save_metrics(out, "best_worst", pairs)
 # 1. Set `attention_heads = "max"`: do the maps of the two pairs tell a different story?
 # 2. Open `p2_val_per_image.json` and find the image with the highest CIDEr. Is it near the top by CLIPScore?
 # 3. Re-run notebook 03 with `num_beams = 1` and then this notebook. Do the same images stay at the extremes?
+
+# %% [markdown]
+# **Write it yourself: the two extremes.** Write `top_and_last(per_image)`, which takes notebook 03's
+# per-image scores (`{image id: {"caption", "clipscore", "cider"}}`, as `per_image` above) and returns the ids of the
+# top-1 and the last-1 image by CLIPScore.
+#
+# <details><summary>Hint</summary>
+#
+# `max(per_image, key=lambda k: per_image[k]["clipscore"])`, and `min` for the other one.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def top_and_last(per_image):
+#     score = lambda k: per_image[k]["clipscore"]  # noqa: E731
+#     return max(per_image, key=score), min(per_image, key=score)
+# ```
+#
+# </details>
+
+# %%
+from hw3lib.exercises import check
+
+
+def top_and_last(per_image):
+    raise NotImplementedError  # your code: (top-1 id, last-1 id) by CLIPScore
+
+
+check("top_and_last", top_and_last)

@@ -1,0 +1,151 @@
+"""Exercises that check themselves. A notebook's code exercise is a stub the student fills in; the cell after it
+calls :func:`check` with the exercise's name and the student's function, which runs it on test cases against a
+reference (the library's own code, or the library that the course uses) and prints one line: correct, not written
+yet, or what is wrong on which input. It never raises: a notebook run by ``hw3 run`` goes on with the stub in place.
+
+Each exercise's hint and solution are in the notebook, in collapsed ``<details>`` blocks; ``tests/test_exercises.py``
+runs every solution through its check.
+"""
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+
+CHECKS: dict[str, Callable] = {}
+
+
+def exercise(name: str):
+    """Register ``checker(answer) -> None`` (correct) or a one-line description of the first wrong case."""
+    def register(checker):
+        CHECKS[name] = checker
+        return checker
+    return register
+
+
+def check(name: str, answer, show: bool = True) -> bool:
+    """Run exercise ``name``'s checker on ``answer``; print one line (when ``show``) and return whether it is right."""
+    if name not in CHECKS:
+        raise KeyError(f"no exercise {name!r}; known: {', '.join(sorted(CHECKS))}")
+    try:
+        problem = CHECKS[name](answer)
+    except NotImplementedError:
+        problem = "not written yet: replace the `raise NotImplementedError` with your code"
+    except Exception as e:  # noqa: BLE001 -- the student's code failed: say where, in one line
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        problem = f"your code raised {type(e).__name__}: {e} (line {frame.lineno}: {frame.line})"
+    if show:
+        print(f"{name}: correct" if problem is None else f"{name}: {problem}")
+    return problem is None
+
+
+def _close(a, b, atol: float = 1e-5) -> bool:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, atol=atol))
+
+
+# ------------------------------------------------------------------------------------------------- 00: CLIPScore
+@exercise("clipscore")
+def _clipscore(answer) -> str | None:
+    """``answer(cos)``: CLIPScore of an array of cosine similarities, ``2.5 * max(cos, 0)``."""
+    for cos in (np.array([0.3, 0.25]), np.array([-0.1, 0.0, 0.31]), np.linspace(-1, 1, 9)):
+        want = 2.5 * np.maximum(cos, 0)
+        got = answer(cos.copy())
+        if not _close(got, want):
+            return f"for cos {np.round(cos, 3).tolist()} expected {np.round(want, 4).tolist()}, got {got}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- 01: LLaVA's prompt
+@exercise("image_positions")
+def _image_positions(answer) -> str | None:
+    """``answer(input_ids, image_token_id) -> (start, stop)``: the run of image placeholders in one prompt."""
+    import torch
+
+    from .llava import image_token_span
+
+    rng = np.random.default_rng(0)
+    for n_before, n_image, n_after in ((3, 4, 5), (1, 576, 9), (0, 2, 1)):
+        ids = torch.tensor([*rng.integers(5, 100, n_before), *[32000] * n_image, *rng.integers(5, 100, n_after)])
+        want = image_token_span(ids, 32000)
+        got = answer(ids, 32000)
+        if tuple(int(v) for v in got) != want:
+            return f"for {n_before} tokens, {n_image} image tokens, {n_after} tokens: expected {want}, got {got}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- 02: LoRA
+@exercise("lora_forward")
+def _lora_forward(answer) -> str | None:
+    """``answer(x, W, b, A, B, alpha, r)``: a LoRA linear layer, ``x W^T + b + (alpha / r) x A^T B^T``, equal to
+    loralib's ``Linear`` (the library the course uses) with these weights."""
+    import loralib
+    import torch
+
+    torch.manual_seed(0)
+    for r, alpha in ((4, 8), (16, 32), (2, 1)):
+        layer = loralib.Linear(12, 10, r=r, lora_alpha=alpha, merge_weights=False)
+        with torch.no_grad():
+            layer.lora_B.normal_()  # loralib starts B at 0; a non-zero B shows the update
+        layer.eval()
+        x = torch.randn(3, 12)
+        want = layer(x).detach()
+        got = answer(x, layer.weight.detach(), layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(),
+                     alpha, r)
+        if not _close(torch.as_tensor(got).detach(), want, atol=1e-4):
+            return f"r={r}, alpha={alpha}: differs from loralib.Linear (did you scale by alpha / r?)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- 03: CIDEr
+@exercise("ngram_counts")
+def _ngram_counts(answer) -> str | None:
+    """``answer(words, n=4)``: a Counter of every n-gram (as a tuple of words) for n = 1..4, as pycocoevalcap's
+    ``precook`` counts them."""
+    from pycocoevalcap.cider.cider_scorer import precook
+
+    for text in ("a red circle", "a red circle and a red square", "one"):
+        want = precook(text, 4)
+        got = answer(text.split(), 4)
+        if Counter(got) != want:
+            missing = sorted(set(want) - set(got), key=len)[:2]
+            return f"for {text!r}: expected {len(want)} distinct n-grams, got {len(got)}; missing e.g. {missing}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- 04: words
+@exercise("word_maps")
+def _word_maps(answer) -> str | None:
+    """``answer(token_strings, maps) -> (words, word_maps)``: merge sub-word tokens into words (a token that starts
+    with a space starts a word), each word's map the mean of its tokens' maps."""
+    from .attention import words_and_maps
+
+    rng = np.random.default_rng(0)
+    for tokens in ([" a", " red", " circ", "le"], ["A", " blue", " sq", "u", "are", "."], [" one"]):
+        maps = rng.random((len(tokens), 2, 2))
+        want_words, want_maps = words_and_maps(tokens, maps, lambda g, t=tokens: "".join(t[i] for i in g))
+        words, got = answer(tokens, maps.copy())
+        if [w.strip() for w in words] != want_words:
+            return f"for tokens {tokens}: expected words {want_words}, got {list(words)}"
+        if not _close(got, want_maps):
+            return f"for tokens {tokens}: the words are right, their maps are not the mean of their tokens' maps"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- 05: extremes
+@exercise("top_and_last")
+def _top_and_last(answer) -> str | None:
+    """``answer(per_image) -> (top, last)``: the image ids with the highest and the lowest CLIPScore, from
+    ``{image id: {"caption", "clipscore", "cider"}}`` (notebook 03's ``p2_val_per_image.json``)."""
+    rng = np.random.default_rng(1)
+    for n in (2, 5, 40):
+        per_image = {f"{i:012d}": {"caption": "x", "clipscore": float(s), "cider": float(c)}
+                     for i, (s, c) in enumerate(zip(rng.random(n), rng.random(n)))}
+        ranked = sorted(per_image, key=lambda k: per_image[k]["clipscore"])
+        want = (ranked[-1], ranked[0])
+        got = tuple(answer(per_image))
+        if got != want:
+            return f"for {n} images: expected {want}, got {got} (by CLIPScore, not CIDEr?)"
+    return None

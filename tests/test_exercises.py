@@ -1,0 +1,55 @@
+"""Every notebook's code exercise: the committed stub reports "not written yet", a wrong answer is caught, and the
+solution shown in the notebook (its collapsed <details> block) passes the check."""
+from __future__ import annotations
+
+import re
+
+import nbformat
+import numpy as np
+import pytest
+
+import hw3lib.workbook as wb
+from hw3lib.exercises import CHECKS, check
+
+NOTEBOOKS = sorted((wb.ROOT / "notebooks").glob("0*.ipynb"))
+
+
+def exercises(path):
+    """``[(name, function name, stub source, solution source)]`` of a notebook, in order."""
+    cells, found = nbformat.read(str(path), as_version=4).cells, []
+    for i, cell in enumerate(cells):
+        solution = re.search(r"<summary>Solution</summary>\s*```python\n(.*?)```", cell.source, re.S)
+        if cell.cell_type != "markdown" or not solution:
+            continue
+        stub = cells[i + 1].source
+        name, fn = re.search(r'check\("(\w+)", (\w+)\)', stub).groups()
+        found.append((name, fn, stub, solution.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_each_notebook_has_a_code_exercise_whose_solution_passes(path, capsys):
+    found = exercises(path)
+    assert found, f"{path.name}: no code exercise with a solution"
+    for name, fn, stub, solution in found:
+        assert name in CHECKS
+        stub_ns = {"np": np}
+        exec(stub.replace(f'check("{name}", {fn})', ""), stub_ns)  # the stub as committed
+        assert not check(name, stub_ns[fn]) and "not written yet" in capsys.readouterr().out
+        ns = {"np": np}
+        exec(solution, ns)
+        assert check(name, ns[fn]), f"{path.name}: the solution of {name} fails its check"
+        assert capsys.readouterr().out.strip() == f"{name}: correct"
+
+
+def test_a_wrong_answer_is_caught_with_a_reason(capsys):
+    assert not check("clipscore", lambda cos: 2.5 * cos)  # forgot the clip at 0
+    assert "expected" in capsys.readouterr().out
+    assert not check("lora_forward", lambda x, W, b, A, B, alpha, r: x @ W.T + b + x @ A.T @ B.T)  # no scaling
+    assert "alpha / r" in capsys.readouterr().out
+    assert not check("top_and_last", lambda p: (max(p, key=lambda k: p[k]["cider"]), min(p)))
+    assert not check("word_maps", lambda tokens, maps: ([t.strip() for t in tokens], maps))
+    assert not check("ngram_counts", lambda words, n=4: {(w,): 1 for w in words})
+    assert not check("image_positions", lambda ids, image_id: (0, len(ids)))
+    assert not check("clipscore", lambda cos: 1 / 0)
+    assert "ZeroDivisionError" in capsys.readouterr().out.splitlines()[-1]
