@@ -9,7 +9,6 @@ runs every solution through its check.
 from __future__ import annotations
 
 import traceback
-from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -25,12 +24,13 @@ def exercise(name: str):
     return register
 
 
-def check(name: str, answer, show: bool = True) -> bool:
-    """Run exercise ``name``'s checker on ``answer``; print one line (when ``show``) and return whether it is right."""
+def check(name: str, answer, show: bool = True, **context) -> bool:
+    """Run exercise ``name``'s checker on ``answer`` (with the notebook's ``context``, where the exercise needs the
+    run's data); print one line (when ``show``) and return whether it is right."""
     if name not in CHECKS:
         raise KeyError(f"no exercise {name!r}; known: {', '.join(sorted(CHECKS))}")
     try:
-        problem = CHECKS[name](answer)
+        problem = CHECKS[name](answer, **context)
     except NotImplementedError:
         problem = "not written yet: replace the `raise NotImplementedError` with your code"
     except Exception as e:  # noqa: BLE001 -- the student's code failed: say where, in one line
@@ -77,6 +77,27 @@ def _image_positions(answer) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- 02: LoRA
+@exercise("merge_lora")
+def _merge_lora(answer) -> str | None:
+    """``answer(W, A, B, alpha, r)``: the merged weight ``W + (alpha / r) B A``, with which a plain linear layer
+    computes what the LoRA layer does (no extra matmul at inference); equal to what loralib merges in ``eval()``."""
+    import loralib
+    import torch
+
+    torch.manual_seed(0)
+    for r, alpha in ((4, 8), (8, 32)):
+        layer = loralib.Linear(12, 10, r=r, lora_alpha=alpha, merge_weights=True)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        W, A, B = (t.detach().clone() for t in (layer.weight, layer.lora_A, layer.lora_B))
+        layer.eval()  # loralib merges the update into weight here
+        got = answer(W.clone(), A, B, alpha, r)
+        if not _close(torch.as_tensor(got).detach(), layer.weight.detach(), atol=1e-5):
+            return f"r={r}, alpha={alpha}: not loralib's merged weight (shape {tuple(W.shape)}; scale alpha / r?)"
+    return None
+
+
+
 @exercise("lora_forward")
 def _lora_forward(answer) -> str | None:
     """``answer(x, W, b, A, B, alpha, r)``: a LoRA linear layer, ``x W^T + b + (alpha / r) x A^T B^T``, equal to
@@ -100,18 +121,17 @@ def _lora_forward(answer) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- 03: CIDEr
-@exercise("ngram_counts")
-def _ngram_counts(answer) -> str | None:
-    """``answer(words, n=4)``: a Counter of every n-gram (as a tuple of words) for n = 1..4, as pycocoevalcap's
-    ``precook`` counts them."""
-    from pycocoevalcap.cider.cider_scorer import precook
+@exercise("beat_the_baseline")
+def _beat_the_baseline(answer, references: dict, baseline: float) -> str | None:
+    """``answer``: one caption (a string) that, written under every validation image, scores a higher CIDEr than
+    the most common training caption does (``baseline``)."""
+    from .cider import cider
 
-    for text in ("a red circle", "a red circle and a red square", "one"):
-        want = precook(text, 4)
-        got = answer(text.split(), 4)
-        if Counter(got) != want:
-            missing = sorted(set(want) - set(got), key=len)[:2]
-            return f"for {text!r}: expected {len(want)} distinct n-grams, got {len(got)}; missing e.g. {missing}"
+    if not isinstance(answer, str) or not answer.strip():
+        return f"write one caption, a non-empty string (got {answer!r})"
+    score, _ = cider({k: answer for k in references}, references)
+    if score <= baseline:
+        return f"{answer!r} scores CIDEr {score:.3f}, not above the baseline's {baseline:.3f}"
     return None
 
 

@@ -225,22 +225,21 @@ save_metrics(out, "captioner_training", {
 #    `lora_r = 256`: what does the check say?
 
 # %% [markdown]
-# **Write it yourself: a LoRA layer's forward.** A LoRA linear layer computes `W x + b + (alpha / r) B A x`,
-# with `W` (out x in) and `b` frozen, `A` (r x in) and `B` (out x r) trained. Write `lora_forward(x, W, b, A, B,
-# alpha, r)` for a batch `x` (batch x in) in plain PyTorch; the check compares it with loralib's `Linear`, the layer
-# this decoder uses.
+# **Write it yourself: merge the update into the weight.** At inference a LoRA layer need not run its two small
+# matmuls: the update can be added to the frozen weight once, `W' = W + (alpha / r) B A`, and the layer becomes a
+# plain linear layer again (loralib does this in `eval()` when `merge_weights=True`). Write `merge_lora(W, A, B,
+# alpha, r)`, which returns `W'`; the check compares it with loralib's own merge.
 #
 # <details><summary>Hint</summary>
 #
-# Rows are samples, so a linear layer is `x @ W.T + b`. The update is `x @ A.T @ B.T`, scaled by
-# `alpha / r`.
+# `B @ A` has the shape of `W` (out x in). The box above computed `x @ A.T @ B.T`, which is `x @ (B @ A).T`.
 #
 # </details>
 # <details><summary>Solution</summary>
 #
 # ```python
-# def lora_forward(x, W, b, A, B, alpha, r):
-#     return x @ W.T + b + (alpha / r) * (x @ A.T @ B.T)
+# def merge_lora(W, A, B, alpha, r):
+#     return W + (alpha / r) * (B @ A)
 # ```
 #
 # </details>
@@ -249,8 +248,8 @@ save_metrics(out, "captioner_training", {
 from hw3lib.exercises import check
 
 
-def lora_forward(x, W, b, A, B, alpha, r):
-    raise NotImplementedError  # your code: the frozen layer plus the scaled low-rank update
+def merge_lora(W, A, B, alpha, r):
+    raise NotImplementedError  # your code: the frozen weight plus the scaled low-rank update, as one matrix
 
 
-check("lora_forward", lora_forward)
+check("merge_lora", merge_lora)

@@ -166,25 +166,23 @@ save_metrics(out, "captioner", summary)
 #    data/demo/models/clip --clip-pretrained ""`. Can you write one fixed caption that beats the baseline's CIDEr?
 
 # %% [markdown]
-# **Write it yourself: the n-grams CIDEr counts.** CIDEr compares a caption with its references through
-# their n-grams for n = 1 to 4, each weighted by TF-IDF. Write `ngram_counts(words, n=4)`, a `Counter` of every
-# n-gram of the word list, as a tuple of words, for every length from 1 to `n`. The check compares it with
-# pycocoevalcap's own `precook`.
+# **Write it yourself: beat the baseline with one caption.** The baseline writes the most common training caption
+# under every image. Write one caption of your own, the same for every image, that scores a higher CIDEr than the
+# baseline on this validation split. What does CIDEr's TF-IDF weighting make you write, and does CLIPScore agree?
 #
 # <details><summary>Hint</summary>
 #
-# For each length `k` in `1..n`, the n-grams are `tuple(words[i:i + k])` for `i` in
-# `range(len(words) - k + 1)`.
+# An n-gram that appears in the references of every image has an IDF of 0: it earns nothing. Words that many
+# references use, but not all images', earn the most for a caption that says them everywhere. Look at the caption
+# statistics of notebook 00.
 #
 # </details>
 # <details><summary>Solution</summary>
 #
+# One answer on the demo world (on the course's data, try a frequent COCO phrase such as "a man riding a horse"):
+#
 # ```python
-# from collections import Counter
-#
-#
-# def ngram_counts(words, n=4):
-#     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+# my_caption = "a red circle and a blue square on a plain background"
 # ```
 #
 # </details>
@@ -192,9 +190,6 @@ save_metrics(out, "captioner", summary)
 # %%
 from hw3lib.exercises import check
 
+my_caption = ""  # your caption
 
-def ngram_counts(words, n=4):
-    raise NotImplementedError  # your code: a Counter of the 1- to n-grams of `words`, each a tuple
-
-
-check("ngram_counts", ngram_counts)
+check("beat_the_baseline", my_caption, references=references, baseline=baseline)
