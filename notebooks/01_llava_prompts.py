@@ -21,8 +21,9 @@
 # styles comes out, and the generation config (greedy, beam search, sampling, length limits) shapes it. This notebook
 # sweeps both on the P1 validation images and scores every setting with CIDEr and CLIPScore.
 #
-# On the **demo profile** the model is a stand-in built the same way (`hw3lib/demo/llava_standin.py`): the stand-in
-# CLIP's image tower converted into a transformers `CLIPVisionModel`, a small Llama pre-trained on the world's text,
+# On the **demo profile** the model is a stand-in built the same way (`hw3lib/demo/llava_standin.py`): the demo's
+# ViT (`data/demo/models/vit`, the encoder of notebook 02) converted into a transformers `CLIPVisionModel`, a small
+# Llama pre-trained on the world's text,
 # then stage 1 (projector only, captions) and stage 2 (projector + LM, five instruction styles: one-sentence caption,
 # short phrase, detailed description, a colours question, a count question). It loads with the same
 # `LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` calls as the real model.
@@ -107,6 +108,40 @@ print(f"{len(ids)} tokens; image tokens at [{start}, {stop}) = {stop - start} po
       f"pixel_values {tuple(enc['pixel_values'].shape)}")
 print("before:", tok.convert_ids_to_tokens(ids[:start]))
 print("after: ", tok.convert_ids_to_tokens(ids[stop:]))
+
+# %% [markdown]
+# ## Open the box: one generated word's attention over the image
+#
+# Two pitfalls first. **Batches are padded on the left**: a decoder-only model continues the last position of each
+# row, so a right-padded short prompt would continue from padding (the processor is set to left padding, and
+# `hw3 llava-caption` batches with it). **Attention weights need the eager implementation**: the fused kernels
+# (`sdpa`, flash attention) never form the attention matrix and return none.
+#
+# Below, LLaVA answers the prompt above; then one forward pass over prompt + answer with eager attention gives, per
+# layer, a `(heads, positions, positions)` matrix. The row of the position that predicted the answer's second token,
+# cut to the image positions found above and laid out on the vision tower's grid, is that token's map in notebook 04.
+
+# %%
+from hw3lib.llava import attention_maps
+
+att = attention_maps(model, processor, load_image(records[0].image_path), next(iter(P.llava_instructions.values())),
+                     LlavaGeneration(max_new_tokens=6))
+full = torch.cat([enc["input_ids"], torch.tensor([att.token_ids])], dim=1).to(model.device)  # prompt + answer
+before = {k: getattr(cfg, k)._attn_implementation for k in ("text_config", "vision_config")}
+model.set_attn_implementation("eager")
+try:
+    with torch.no_grad():
+        res = model(input_ids=full, pixel_values=enc["pixel_values"].to(model.device, model.dtype),
+                    attention_mask=torch.ones_like(full), output_attentions=True, logits_to_keep=1)
+finally:
+    model.set_attn_implementation(before)
+t, layer = min(1, len(att.token_ids) - 1), cfg.text_config.num_hidden_layers - 1
+side = cfg.vision_config.image_size // cfg.vision_config.patch_size  # the vision tower's grid: side x side
+row = res.attentions[layer][0, :, len(ids) - 1 + t, start:stop]  # (heads, image positions): the query predicting t
+by_hand = row[:, -side * side:].float().reshape(-1, side, side)  # a leading CLS position, if kept, left out
+assert torch.allclose(by_hand.cpu(), torch.as_tensor(att.maps[t, layer]), atol=1e-3)
+print(f"token {t} of the answer {tok.convert_ids_to_tokens(att.token_ids)}: its map in the last layer, "
+      f"{tuple(by_hand.shape)} (heads x grid), equals hw3lib's")
 
 # %% [markdown]
 # ## The sweep: instructions × generation configs

@@ -41,6 +41,7 @@ seed: int = 0  # initialisation, data order
 overwrite: bool = False  # replace a run of another configuration in output_dir/p2/ (else that is an error)
 
 # %%
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -101,13 +102,14 @@ with torch.no_grad():
 print(f"{len(train_records)} train / {len(val_records)} val images")
 print(f"features {tuple(sample.shape)} (batch, visual tokens, width); input_ids {tuple(ids.shape)}; "
       f"logits {tuple(first.logits.shape)}")
-print(f"loss before training: {first.loss.item():.3f}")
+V = model.decoder.cfg.vocab_size
+display(Markdown(
+    f"The loss before training, **{first.loss.item():.3f}**, is the course decoder's own, with the visual tokens "
+    f"still meaningless to it: it already knows the language of the captions, so it is far below "
+    f"ln({V:,}) = {math.log(V):.2f}, the loss of a uniform guess over this decoder's {V:,}-token vocabulary. What "
+    "is left to learn is to read the image."))
 
 # %% [markdown]
-# That first loss is the course decoder's own, with the visual tokens still meaningless to it: it already knows
-# English, so it is far below `ln(50257)` = 10.8, the loss of a uniform guess over GPT-2's vocabulary. What is left
-# to learn is to read the image.
-#
 # ## Visual tokens and text embeddings live at different scales
 #
 # A pitfall every HW3 report hit: the ViT's features, linearly projected, have norms far from those of GPT-2's token
@@ -146,6 +148,18 @@ last = result.history[-1]
 print(f"{len(result.history)} epochs in {result.seconds:.0f}s: loss {result.history[0]['loss']:.3f} -> "
       f"{last['loss']:.3f}, val CIDEr {result.history[0]['val_cider']:.3f} -> {last['val_cider']:.3f}; "
       f"best epoch {result.best_epoch}")
+
+# %% [markdown]
+# > **Pitfall: save what you trained, not the model.** The course loads its own `decoder_model.bin` and a pretrained
+# > encoder when it grades; your checkpoint needs only the projection and the LoRA matrices. `torch.save(model.
+# > state_dict())` would store the frozen decoder (and the ViT, if it is a submodule) again, and the frozen weights
+# > count toward nothing but the file's size. The 10 M limit is on the *trainable* parameters: count those
+# > (`requires_grad`), as the check above does, not the model's.
+
+# %%
+ckpt = Path(cfg.decoder_checkpoint)
+print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the trained weights only; the course "
+      f"decoder it adapts, {ckpt.name}: {ckpt.stat().st_size / 2**20:.1f} MiB, read from hw3_data/ at every load")
 
 # %% [markdown]
 # ## Two LoRA attempts, and an ablation
@@ -198,6 +212,40 @@ captions = best.generate(extract_features(encoder_model, transform, shown, cfg.e
 fig = viz.image_grid(shown, captions=[f"{c}\n(ref: {r.references[0]})" for c, r in zip(captions, shown)])
 fig.savefig(out / "figures/02_samples.png", dpi=110)
 plt.show()
+
+# %% [markdown]
+# ## Open the box: one LoRA layer, by hand
+#
+# Each adapted linear of the decoder is a loralib layer: the frozen weight `W` (out x in) and bias `b`, and the two
+# trained matrices `A` (r x in) and `B` (out x r). Its forward is `W x + b + (alpha / r) B A x`. Below, one layer of
+# the best adapter computed with plain matrix products, against the layer's own output; then the number of trainable
+# parameters from the shapes alone, against the count above.
+
+# %%
+import loralib
+
+plain = [m for m in best.decoder.modules() if type(m) is loralib.Linear]  # c_attn is a MergedLinear (q and v)
+if plain:
+    lin = plain[0]
+    lin.eval()  # no dropout (loralib's train() returns None, not the layer)
+    x = torch.randn(4, lin.in_features)
+    with torch.no_grad():
+        by_hand = x @ lin.weight.T + lin.bias + (lin.lora_alpha / lin.r) * (x @ lin.lora_A.T @ lin.lora_B.T)
+        assert torch.allclose(by_hand, lin(x), atol=1e-5)
+    print(f"W {tuple(lin.weight.shape)}, A {tuple(lin.lora_A.shape)}, B {tuple(lin.lora_B.shape)}, "
+          f"alpha / r = {lin.lora_alpha / lin.r:g}: by hand equals loralib's output")
+
+# %%
+C, r, n_layer = best.decoder.cfg.n_embd, cfg.lora.r, best.decoder.cfg.n_layer
+per_block = {"c_attn": 2 * r * C + 2 * C * r,  # A (2r x C), B (2C x r): only q and v of the fused q, k, v
+             "attn.c_proj": r * C + C * r, "c_fc": r * C + 4 * C * r, "mlp.c_proj": r * 4 * C + C * r}
+lora = n_layer * sum(per_block[t] for t in cfg.lora.targets if t in per_block)
+lora += r * C + V * r if "lm_head" in cfg.lora.targets else 0
+assert lora == sum(p.numel() for name, p in best.named_parameters() if "lora_" in name)
+parts = ", ".join(f"{per_block[t]:,} ({t})" for t in cfg.lora.targets if t in per_block)
+display(Markdown(f"LoRA: {n_layer} blocks x [{parts}] = **{lora:,}**; the projection and its LayerNorm: "
+                 f"{n_trainable - lora:,}; in all {n_trainable:,} trainable parameters, {n_trainable / 1e7:.1%} of "
+                 "the course's 10 M limit."))
 
 # %%
 keys = {"LoRA r": "lora_r", "alpha / r": "alpha_over_r", "val CIDEr": "val_cider", "val CLIPScore": "val_clipscore"}

@@ -34,7 +34,7 @@ from IPython.display import Markdown, display
 
 from hw3lib import viz
 from hw3lib.captioner import GenerationConfig, load_adapter
-from hw3lib.data import hw3_split, relative, write_json_atomic
+from hw3lib.data import hw3_split, read_json, relative, write_json_atomic
 from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
 from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score, score_split
 from hw3lib.params import read
@@ -88,6 +88,79 @@ display(Markdown(
     "by how rare it is across the references (TF-IDF), so a caption that is right for every image earns little "
     f"of it: the gap ({score - baseline:+.3f}) is what looking at the image buys. CLIPScore has no references and "
     f"no such weighting: the same gap there is {clip_mean - base_clip:+.3f}."))
+
+# %% [markdown]
+# ## Open the box: CIDEr-D of one caption, by hand
+#
+# What pycocoevalcap computes for one image, in five steps (Vedantam et al., 2015; "-D" is the variant COCO uses):
+#
+# 1. **Tokens.** Every caption goes through the PTB tokenizer (lower case, punctuation removed), then its **n-grams**
+#    for n = 1 to 4 are counted.
+# 2. **TF-IDF.** Each n-gram `g` of a caption gets the weight `tf(g) * log(N / df(g))`: `tf` is its count in the
+#    caption, `N` the number of images, `df(g)` the number of images whose references contain it. An n-gram that
+#    every image's references use (`df = N`) weighs nothing: "a", "on a plain background".
+# 3. **Cosine per n, clipped.** For each reference and each n, the caption's and the reference's TF-IDF vectors are
+#    compared by their cosine, where the caption's weight of each n-gram is first clipped to the reference's
+#    (`min`): saying "red red red" earns no more than the reference's one "red".
+# 4. **Length penalty.** Each cosine is multiplied by `exp(-(l_c - l_r)^2 / (2 * 6^2))`, a Gaussian of the
+#    difference in length between caption and reference (sigma = 6 words).
+# 5. **Average.** Over n = 1..4 and over the references, times 10.
+
+# %%
+import math
+from collections import Counter
+
+from hw3lib.cider import tokenize
+
+tok = tokenize({k: [{"caption": c} for c in [predictions[k], *references[k]]] for k in references})  # as evaluate.py
+
+
+def grams(s):  # step 1: the 1- to 4-grams of a tokenised caption, with their counts
+    w = s.split()
+    return Counter(tuple(w[i:i + n]) for n in range(1, 5) for i in range(len(w) - n + 1))
+
+
+df = Counter(g for k in tok for g in set().union(*(grams(r) for r in tok[k][1:])))
+
+
+def tfidf(s):  # step 2: per n, {n-gram: weight}; the norms; the length (pycocoevalcap counts the bigrams)
+    v = [{g: tf * (math.log(len(tok)) - math.log(max(1.0, df[g]))) for g, tf in grams(s).items() if len(g) == n}
+         for n in range(1, 5)]
+    return v, [math.sqrt(sum(x * x for x in d.values())) for d in v], sum(grams(s)[g] for g in v[1])
+
+# %%
+def cider_d(k, sigma=6.0):
+    (vc, nc, lc), total = tfidf(tok[k][0]), 0.0
+    for ref in tok[k][1:]:
+        vr, nr, lr = tfidf(ref)
+        for n in range(4):  # step 3, clipped cosine; step 4, the length penalty
+            dot = sum(min(x, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, x in vc[n].items())
+            cos = dot / (nc[n] * nr[n]) if nc[n] and nr[n] else dot
+            total += cos * math.exp(-((lc - lr) ** 2) / (2 * sigma**2))
+    return 10.0 * total / 4 / len(tok[k][1:])  # step 5
+
+
+k = max(per_cider, key=per_cider.get)
+assert abs(cider_d(k) - per_cider[k]) < 1e-9, (cider_d(k), per_cider[k])
+print(f"{k}: by hand {cider_d(k):.6f}, pycocoevalcap {per_cider[k]:.6f}\n  caption: {tok[k][0]}\n  first reference: "
+      f"{tok[k][1]}")
+
+# %% [markdown]
+# The length penalty is what sinks a long answer. Notebook 01's "detailed" instruction makes LLaVA write several
+# sentences: at the mean lengths below, a caption 20 words longer than its references keeps `exp(-400 / 72)` =
+# 0.4% of its n-gram credit, whatever it says.
+
+# %%
+llava_file = out / "metrics/llava.json"
+if llava_file.is_file():
+    ref_len = np.mean([len(c.split()) for r in hw3_split(root, "p1_data") for c in r.references])
+    display(Markdown(viz.markdown_table([
+        {"P1 setting": row["name"], "CIDEr": row["cider"], "mean length": row["mean_length"],
+         "minus the references' mean": row["mean_length"] - ref_len,
+         "penalty at the mean lengths": math.exp(-((row["mean_length"] - ref_len) ** 2) / 72)}
+        for row in read_json(llava_file)["sweep"]])))
+else:
+    print("notebook 01 has not run: no P1 rows to compare")
 
 # %% [markdown]
 # ## How the scores spread over the images
@@ -156,8 +229,9 @@ save_metrics(out, "captioner", summary)
 # %% [markdown]
 # ## Try it yourself
 #
-# 1. Set `num_beams = 1` (greedy) and compare CIDEr, CLIPScore and the mean caption length with beam 3. Which metric
-#    moves more, and in which direction?
+# 1. Switch the decoding: `num_beams = 3` if this run decoded greedily (the demo's config does), `num_beams = 1` if it
+#    used beam search (the hw3 config). Compare CIDEr, CLIPScore and the mean caption length. Which metric moves
+#    more, and in which direction?
 # 2. Set `length_penalty = 2.0` with `num_beams = 3`: beam search now favours longer captions. Watch the length
 #    histogram and CIDEr's length penalty at work.
 # 3. Set `max_new_tokens = 8`: captions are cut. Which scene sizes lose caption accuracy first?

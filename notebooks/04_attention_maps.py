@@ -129,6 +129,35 @@ for name, entries in p3_entries.items():
         plt.show()
 
 # %% [markdown]
+# ## Open the box: one word's map from the raw attention
+#
+# The captioner's decoder reads `[visual tokens (CLS first), <|endoftext|>, caption tokens]`. Its attention in one
+# layer is a `(heads, positions, positions)` tensor; a word's map under the course's convention is the row of the
+# position that *predicted* the word (for the first word: the `<|endoftext|>` position), cut to the columns of the
+# patch grid (the CLS column left out) and laid out row-major. Below, the first word of the first P3 caption, from
+# one forward pass, against what the figures drew.
+
+# %%
+import torch
+
+from hw3lib.captioner import encoder_grid, extract_features
+
+e, device = p3_entries["captioner"][0], next(captioner.parameters()).device
+ids, first = captioner.tokenizer.encode(e["caption"]), captioner.tokenizer.encode(e["words"][0])
+feats = extract_features(encoder, transform, p3[:1], captioner.cfg.encoder, device=device).float()
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    res = captioner(feats.to(device), torch.tensor([[captioner.tokenizer.eot_id, *ids]], device=device),
+                    output_attentions=True)
+V = res.logits.shape[1] - len(ids) - 1  # visual positions come first
+rows, cols = (g // captioner.cfg.encoder.pool for g in encoder_grid(encoder))
+layer = e["layer"] if isinstance(e["layer"], int) else len(e["layers"]) - 1
+raw = res.attentions[layer][0]  # (heads, positions, positions) of this layer
+by_hand = raw[:, V : V + len(first), V - rows * cols : V].float().mean(1).reshape(-1, rows, cols)  # its tokens' mean
+assert torch.allclose(by_hand.cpu(), torch.as_tensor(e["predict_maps"][0, layer]), atol=2e-2 if device.type ==
+                      "cuda" else 1e-5)
+print(f"{e['words'][0]!r} in layer {layer}: heads x grid {tuple(by_hand.shape)}, equal to the figure's map")
+
+# %% [markdown]
 # ## Browse them
 #
 # Pick an image and a model, a layer and a head aggregation, then slide over the words. The browser redraws from

@@ -11,6 +11,8 @@
 data_root: str = "data/demo/hw3_data"  # hw3_data root
 adapter: str = ""  # trained adapter; "": the best of notebook 02 in output_dir/p2/main/
 attention_heads: str = "mean"  # "mean", "max" or a head index
+clip_model: str = "data/demo/models/clip"  # CLIP for the by-hand CLIPScore: open_clip name or a local folder
+clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
@@ -52,6 +54,28 @@ fig.savefig(out / "figures/05_clipscore_histogram.png", dpi=110)
 plt.show()
 print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard deviation {scores.std():.3f}, "
       f"min {scores.min():.3f}, max {scores.max():.3f}")
+
+# %% [markdown]
+# ## Open the box: the top-1 CLIPScore, by hand
+#
+# CLIP's image tower embeds the preprocessed image (resize, centre crop, normalise), its text tower the tokenised
+# caption (at most 77 tokens); CLIPScore is `2.5 * max(cos, 0)` of the two embeddings. Below, the top-1 pair
+# computed with the model's own two calls, against notebook 03's number.
+
+# %%
+import torch
+
+from hw3lib.data import load_image
+from hw3lib.metrics import ClipConfig, ClipScorer
+
+clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+pixels = clip.preprocess(load_image(val[top].image_path))[None].to(clip.device, clip.dtype)
+tokens = clip.tokenizer([per_image[top]["caption"]]).to(clip.device)
+with torch.no_grad():
+    image_emb, text_emb = clip.model.encode_image(pixels).float(), clip.model.encode_text(tokens).float()
+cos = torch.nn.functional.cosine_similarity(image_emb, text_emb).item()
+assert abs(2.5 * max(cos, 0.0) - per_image[top]["clipscore"]) < (2e-2 if clip.device.type == "cuda" else 1e-4)
+print(f"cos {cos:.4f} -> CLIPScore {2.5 * max(cos, 0.0):.4f}; notebook 03: {per_image[top]['clipscore']:.4f}")
 
 # %% [markdown]
 # ## The two pairs, with the attention of every word
@@ -122,7 +146,8 @@ save_metrics(out, "best_worst", pairs)
 #
 # 1. Set `attention_heads = "max"`: do the maps of the two pairs tell a different story?
 # 2. Open `p2_val_per_image.json` and find the image with the highest CIDEr. Is it near the top by CLIPScore?
-# 3. Re-run notebook 03 with `num_beams = 1` and then this notebook. Do the same images stay at the extremes?
+# 3. Re-run notebook 03 with the other decoding (`num_beams = 3` on the demo, `1` on the hw3 config), then this
+#    notebook. Do the same images stay at the extremes?
 
 # %% [markdown]
 # **Write it yourself: the two extremes.** Write `top_and_last(per_image)`, which takes notebook 03's
