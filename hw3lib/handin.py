@@ -152,7 +152,8 @@ def build_markdown(out: Path, metrics: dict) -> tuple[str, list[str]]:
                  _f(a["val_cider"]), _f(a["val_clipscore"])] for a in attempts]
         r.add(*_table(["run", "changed", "r", "alpha", "alpha / r", "dropout", "targets", "visual LayerNorm",
                        "trainable params", "epochs", "val CIDEr", "val CLIPScore"], rows))
-        r.add("The ablation row is not a LoRA setting: it removes the visual LayerNorm, for fewer epochs.", "")
+        if any(a["run"] == "ablation" for a in attempts):
+            r.add("The ablation row is not a LoRA setting: it removes the visual LayerNorm, for fewer epochs.", "")
     else:
         r.missing("02_train_lora_captioner")
     r.write_here("What does each knob change, and is the difference larger than the epoch-to-epoch noise of the "
