@@ -24,7 +24,7 @@ def exercise(name: str):
     return register
 
 
-def check(name: str, answer, show: bool = True, **context) -> bool:
+def is_correct(name: str, answer, show: bool = True, **context) -> bool:
     """Run exercise ``name``'s checker on ``answer`` (with the notebook's ``context``, where the exercise needs the
     run's data); print one line (when ``show``) and return whether it is right."""
     if name not in CHECKS:
@@ -39,6 +39,11 @@ def check(name: str, answer, show: bool = True, **context) -> bool:
     if show:
         print(f"{name}: correct" if problem is None else f"{name}: {problem}")
     return problem is None
+
+
+def check(name: str, answer, **context) -> None:
+    """What a notebook's check cell calls: :func:`is_correct`, printing its one line and showing nothing else."""
+    is_correct(name, answer, **context)
 
 
 def _close(a, b, atol: float = 1e-5) -> bool:

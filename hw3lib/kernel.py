@@ -92,6 +92,20 @@ def lab(port: int | None, open_browser: bool, extra: list[str]) -> None:
     os.execv(sys.executable, argv + extra)
 
 
+def _quiet_progress_bars() -> None:
+    """No progress bars in a notebook that ``hw3 run`` executes: in its HTML report each is a stale "0%" line, the
+    text stand-in of a widget (``hw3 run`` shows papermill's own bar, cell by cell). A notebook opened in JupyterLab
+    keeps them. ``tqdm.auto``'s notebook bar ignores ``TQDM_DISABLE``, so the class itself is replaced."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub and transformers
+    import tqdm.auto
+
+    class Quiet(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    tqdm.auto.tqdm = Quiet
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--install"]:
         # for this environment only, unless asked: a user-level spec is one for all clones, and the last set-up
@@ -104,6 +118,7 @@ def main(argv: list[str]) -> None:
         return
     if argv[:1] == ["--here"]:  # hw3 run: papermill has chosen the folder
         argv = argv[1:]
+        _quiet_progress_bars()
     else:
         os.chdir(ROOT)
     from ipykernel.kernelapp import IPKernelApp

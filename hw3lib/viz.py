@@ -116,6 +116,8 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
     keys = list(rows[0])
 
     def fmt(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         return f"{v:{floatfmt}}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
 
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

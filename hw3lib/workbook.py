@@ -647,11 +647,20 @@ def _device_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
 def _export_html(notebook: Path, html: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    nb = nbformat.read(str(notebook), as_version=4)
+    for cell in nb.cells:  # a widget's state is not saved: its text stand-in ("VBox(children=...") says nothing
+        for output in cell.get("outputs", []):
+            if WIDGET_MIME in output.get("data", {}):
+                output["data"] = {"text/html": "<p><em>(an interactive widget: it runs in a live kernel, e.g. "
+                                               "<code>hw3 lab</code>)</em></p>"}
+    body, _ = HTMLExporter().from_notebook_node(nb)
     with atomic_path(html) as tmp:
         tmp.write_text(body, encoding="utf-8")
 

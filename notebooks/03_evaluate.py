@@ -157,7 +157,7 @@ if llava_file.is_file():
     display(Markdown(viz.markdown_table([
         {"P1 setting": row["name"], "CIDEr": row["cider"], "mean length": row["mean_length"],
          "minus the references' mean": row["mean_length"] - ref_len,
-         "penalty at the mean lengths": math.exp(-((row["mean_length"] - ref_len) ** 2) / 72)}
+         "penalty at the mean lengths": f"{math.exp(-((row['mean_length'] - ref_len) ** 2) / 72):.2g}"}
         for row in read_json(llava_file)["sweep"]])))
 else:
     print("notebook 01 has not run: no P1 rows to compare")

@@ -89,18 +89,21 @@ captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(roo
 attention_file = out / "metrics/attention.json"
 chosen = read_json(attention_file) if attention_file.is_file() else {}
 shown, query = chosen.get("layer_shown", {}), chosen.get("query_shown", {}).get("captioner", "predict")
+
+# %%
 entries = dict(zip(("top", "bottom"), captioner_entries(captioner, encoder, transform, [val[top], val[bottom]],
                                                        query=query, captions=[per_image[top]["caption"],
                                                                               per_image[bottom]["caption"]])))
+NAMES = {"top": "top-1", "bottom": "last-1"}  # the course's names
 pairs = {label: {"image": key, **per_image[key], "references": list(val[key].references)}
          for label, key in (("top", top), ("bottom", bottom))}
 for label, e in entries.items():
     pair, layer = pairs[label], choose_layer(shown.get("captioner", "best"), len(e["layers"]))
     pair["figure"], pair["words"] = f"figures/05_{label}.png", e["words"]  # the panels: the scored caption's words
-    display(Markdown(f"**{label}-1: {pair['image']}**, CLIPScore {pair['clipscore']:.3f}, CIDEr {pair['cider']:.3f}"
+    display(Markdown(f"**{NAMES[label]}: {pair['image']}**, CLIPScore {pair['clipscore']:.3f}, CIDEr {pair['cider']:.3f}"
                      f"\n\n- caption: *{pair['caption']}*\n" + "".join(f"- reference: {r}\n" for r in pair["references"])))
     fig = viz.word_attention(e["view"], e["words"], aggregate(e["maps"], layer, P.attention_heads),
-                             title=f"{label}-1 by CLIPScore ({pair['clipscore']:.3f}): {e['caption']}",
+                             title=f"{NAMES[label]} by CLIPScore ({pair['clipscore']:.3f}): {e['caption']}",
                              note=f"captioner, layer {layer}, {query} query, heads {P.attention_heads}")
     fig.savefig(out / pair["figure"], dpi=100)
     plt.show()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hw3lib.workbook as wb
-from hw3lib.exercises import CHECKS, check
+from hw3lib.exercises import CHECKS, check, is_correct
 
 NOTEBOOKS = sorted((wb.ROOT / "notebooks").glob("0*.ipynb"))
 
@@ -50,22 +50,23 @@ def test_each_notebook_has_a_code_exercise_whose_solution_passes(path, contexts,
         context = contexts.get(name, {})
         stub_ns = {"np": np}
         exec(stub[: stub.index("check(")], stub_ns)  # the stub as committed
-        assert not check(name, stub_ns[fn], **context)
+        assert not is_correct(name, stub_ns[fn], **context)
         assert "correct" not in capsys.readouterr().out
         ns = {"np": np}
         exec(solution, ns)
-        assert check(name, ns[fn], **context), f"{path.name}: the solution of {name} fails its check"
+        assert is_correct(name, ns[fn], **context), f"{path.name}: the solution of {name} fails its check"
         assert capsys.readouterr().out.strip() == f"{name}: correct"
+    assert check("clipscore", lambda cos: 2.5 * np.maximum(cos, 0)) is None  # a check cell shows no value
 
 
 def test_a_wrong_answer_is_caught_with_a_reason(capsys):
-    assert not check("clipscore", lambda cos: 2.5 * cos)  # forgot the clip at 0
+    assert not is_correct("clipscore", lambda cos: 2.5 * cos)  # forgot the clip at 0
     assert "expected" in capsys.readouterr().out
-    assert not check("lora_forward", lambda x, W, b, A, B, alpha, r: x @ W.T + b + x @ A.T @ B.T)  # no scaling
+    assert not is_correct("lora_forward", lambda x, W, b, A, B, alpha, r: x @ W.T + b + x @ A.T @ B.T)  # no scaling
     assert "alpha / r" in capsys.readouterr().out
-    assert not check("top_and_last", lambda p: (max(p, key=lambda k: p[k]["cider"]), min(p)))
-    assert not check("word_maps", lambda tokens, maps: ([t.strip() for t in tokens], maps))
-    assert not check("merge_lora", lambda W, A, B, alpha, r: W + B @ A)
-    assert not check("image_positions", lambda ids, image_id: (0, len(ids)))
-    assert not check("clipscore", lambda cos: 1 / 0)
+    assert not is_correct("top_and_last", lambda p: (max(p, key=lambda k: p[k]["cider"]), min(p)))
+    assert not is_correct("word_maps", lambda tokens, maps: ([t.strip() for t in tokens], maps))
+    assert not is_correct("merge_lora", lambda W, A, B, alpha, r: W + B @ A)
+    assert not is_correct("image_positions", lambda ids, image_id: (0, len(ids)))
+    assert not is_correct("clipscore", lambda cos: 1 / 0)
     assert "ZeroDivisionError" in capsys.readouterr().out.splitlines()[-1]
