@@ -63,7 +63,41 @@ def _clipscore(answer) -> str | None:
     return None
 
 
+@exercise("auc")
+def _auc(answer) -> str | None:
+    """``answer(own, other)``: the probability that an image's own caption scores above another image's, over all
+    (own, other) pairs, a tie counting half: the AUC of notebook 00's CLIP check."""
+    from .metrics import auc
+
+    rng = np.random.default_rng(0)
+    for own, other in ((np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.85])), (np.array([0.5]), np.array([0.5])),
+                       (rng.random(30), rng.random(20))):
+        want, got = auc(own, other), answer(own.copy(), other.copy())
+        if not _close(got, want, atol=1e-9):
+            return f"for own {np.round(own[:4], 2).tolist()}..., other {np.round(other[:4], 2).tolist()}...: " \
+                   f"expected {want:.4f}, got {got} (ties count half)"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 01: LLaVA's prompt
+@exercise("left_pad")
+def _left_pad(answer) -> str | None:
+    """``answer(sequences, pad_id) -> (input_ids, attention_mask)``: a batch of token-id lists padded on the left to
+    the longest, as two tensors; the mask is 1 on real tokens."""
+    import torch
+
+    for seqs in ([[5, 6, 7], [8]], [[1, 2], [3, 4]], [[9], [4, 5, 6, 7], [2, 3]]):
+        width = max(map(len, seqs))
+        want_ids = torch.tensor([[0] * (width - len(q)) + q for q in seqs])
+        want_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs])
+        ids, mask = answer([list(q) for q in seqs], 0)
+        if not (torch.equal(torch.as_tensor(ids), want_ids) and torch.equal(torch.as_tensor(mask), want_mask)):
+            return f"for {seqs}: expected ids {want_ids.tolist()} and mask {want_mask.tolist()}, got " \
+                   f"{torch.as_tensor(ids).tolist()} and {torch.as_tensor(mask).tolist()}"
+    return None
+
+
+
 @exercise("image_positions")
 def _image_positions(answer) -> str | None:
     """``answer(input_ids, image_token_id) -> (start, stop)``: the run of image placeholders in one prompt."""

@@ -187,3 +187,32 @@ def clipscore(cos):
 
 
 check("clipscore", clipscore)
+
+# %% [markdown]
+# **Write it yourself: the CLIP check's AUC.** Given the CLIPScores of the images' own captions (`own`) and of
+# other images' captions (`other`), the AUC is the fraction of all (own, other) pairs in which the own caption scores
+# higher, a tie counting half. Write `auc(own, other)` for two NumPy arrays; the check compares it with the AUC this
+# notebook printed for its check.
+#
+# <details><summary>Hint</summary>
+#
+# Broadcasting compares every pair at once: `own[:, None] > other[None, :]` is a matrix of booleans.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def auc(own, other):
+#     greater = (own[:, None] > other[None, :]).sum()
+#     ties = (own[:, None] == other[None, :]).sum()
+#     return (greater + 0.5 * ties) / (len(own) * len(other))
+# ```
+#
+# </details>
+
+# %%
+def auc(own, other):
+    raise NotImplementedError  # your code: P(own > other) over all pairs, ties half
+
+
+check("auc", auc)

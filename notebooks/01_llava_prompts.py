@@ -256,3 +256,37 @@ def image_positions(input_ids, image_token_id):
 
 
 check("image_positions", image_positions)
+
+# %% [markdown]
+# **Write it yourself: pad a batch on the left.** A decoder-only model continues each row from its *last*
+# position, so the rows of a batch must end where their prompts end: the padding goes on the left, and the attention
+# mask marks it with 0. Write `left_pad(sequences, pad_id)`, which takes lists of token ids of different lengths and
+# returns `(input_ids, attention_mask)` as two tensors of shape (batch, longest).
+#
+# <details><summary>Hint</summary>
+#
+# Each row is `[pad_id] * (width - len(q)) + q`, with `width` the longest length; its mask row is `[0] * (width -
+# len(q)) + [1] * len(q)`. `torch.tensor` turns the lists of lists into tensors.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# import torch
+#
+#
+# def left_pad(sequences, pad_id):
+#     width = max(len(q) for q in sequences)
+#     ids = [[pad_id] * (width - len(q)) + list(q) for q in sequences]
+#     mask = [[0] * (width - len(q)) + [1] * len(q) for q in sequences]
+#     return torch.tensor(ids), torch.tensor(mask)
+# ```
+#
+# </details>
+
+# %%
+def left_pad(sequences, pad_id):
+    raise NotImplementedError  # your code: (input_ids, attention_mask), padded on the left
+
+
+check("left_pad", left_pad)

@@ -68,5 +68,10 @@ def test_a_wrong_answer_is_caught_with_a_reason(capsys):
     assert not is_correct("word_maps", lambda tokens, maps: ([t.strip() for t in tokens], maps))
     assert not is_correct("merge_lora", lambda W, A, B, alpha, r: W + B @ A)
     assert not is_correct("image_positions", lambda ids, image_id: (0, len(ids)))
+    assert not is_correct("auc", lambda own, other: float((own[:, None] > other[None, :]).mean()))  # ties ignored
+    assert "ties count half" in capsys.readouterr().out
+    right_padded = lambda seqs, pad: (np.array([q + [pad] * (3 - len(q)) for q in seqs]),  # noqa: E731
+                                      np.array([[1] * len(q) + [0] * (3 - len(q)) for q in seqs]))
+    assert not is_correct("left_pad", right_padded)
     assert not is_correct("clipscore", lambda cos: 1 / 0)
     assert "ZeroDivisionError" in capsys.readouterr().out.splitlines()[-1]
