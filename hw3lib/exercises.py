@@ -159,7 +159,36 @@ def _lora_forward(answer) -> str | None:
     return None
 
 
+@exercise("attempt_parameters")
+def _attempt_parameters(answer, rows: list[dict]) -> str | None:
+    """``answer``: attempt 1's trainable-parameter count, worked out by hand before looking at the table (``rows``:
+    notebook 02's attempts table)."""
+    want = next(r["trainable params"] for r in rows if r["run"] == "attempt 1")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return f"write the count as a whole number (got {answer!r})"
+    if answer == 0:
+        return "not worked out yet: set my_count to your number"
+    if answer != want:
+        return f"{answer:,} is not the count; compare each target's A and B shapes at the new rank, and remember " \
+               "the projection"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 03: CIDEr
+@exercise("length_penalty")
+def _length_penalty(answer) -> str | None:
+    """``answer(candidate_length, reference_length, sigma=6.0)``: CIDEr-D's Gaussian length penalty."""
+    import math
+
+    for c, r in ((10, 10), (12, 10), (35, 10), (3, 11)):
+        want = math.exp(-((c - r) ** 2) / (2 * 6.0**2))
+        got = answer(c, r)
+        if not _close(got, want, atol=1e-9):
+            return f"for lengths {c} and {r}: expected {want:.6g}, got {got}"
+    return None
+
+
+
 @exercise("beat_the_baseline")
 def _beat_the_baseline(answer, references: dict, baseline: float) -> str | None:
     """``answer``: one caption (a string) that, written under every validation image, scores a higher CIDEr than
@@ -193,7 +222,39 @@ def _word_maps(answer) -> str | None:
     return None
 
 
+@exercise("to_grid")
+def _to_grid(answer) -> str | None:
+    """``answer(row, rows, cols, has_cls)``: one query's attention over the visual positions (CLS first when
+    ``has_cls``) as a (rows, cols) map of the patches, row-major, the CLS position left out."""
+    rng = np.random.default_rng(0)
+    for rows, cols, has_cls in ((2, 3, True), (4, 4, False), (6, 6, True)):
+        row = rng.random(rows * cols + int(has_cls))
+        want = row[int(has_cls):].reshape(rows, cols)
+        got = np.asarray(answer(row.copy(), rows, cols, has_cls))
+        if not _close(got, want):
+            return f"for a {rows} x {cols} grid (CLS {'first' if has_cls else 'absent'}): not the row-major " \
+                   f"patch map (got shape {got.shape})"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 05: extremes
+@exercise("clipscore_rank_of_best_cider")
+def _clipscore_rank_of_best_cider(answer) -> str | None:
+    """``answer(per_image) -> rank``: where the image with the highest CIDEr stands by CLIPScore (1 = the highest
+    CLIPScore)."""
+    rng = np.random.default_rng(2)
+    for n in (3, 10, 50):
+        per_image = {f"{i:012d}": {"caption": "x", "clipscore": float(s), "cider": float(c)}
+                     for i, (s, c) in enumerate(zip(rng.random(n), rng.random(n)))}
+        best = max(per_image, key=lambda k: per_image[k]["cider"])
+        want = 1 + sum(v["clipscore"] > per_image[best]["clipscore"] for v in per_image.values())
+        got = answer(per_image)
+        if got != want:
+            return f"for {n} images: expected rank {want}, got {got} (1 is the highest CLIPScore)"
+    return None
+
+
+
 @exercise("top_and_last")
 def _top_and_last(answer) -> str | None:
     """``answer(per_image) -> (top, last)``: the image ids with the highest and the lowest CLIPScore, from

@@ -301,3 +301,30 @@ def merge_lora(W, A, B, alpha, r):
 
 
 check("merge_lora", merge_lora)
+
+# %% [markdown]
+# **Work it out: attempt 1's parameter count.** Before you look at the attempts table, compute how many
+# parameters attempt 1 trains (rank `attempt_lora_r`, the main run's targets), from the shapes in the box above: each
+# target's `A` and `B` at the new rank, in every block, plus the projection and its LayerNorm, which do not change.
+#
+# <details><summary>Hint</summary>
+#
+# At rank r, a block adds `4 r C` for `c_attn` (q and v), `2 r C` for `attn.c_proj`, `5 r C` for `c_fc` and
+# `mlp.c_proj`. The box computed `lora` and `n_trainable` for the main run.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# r1 = P.attempt_lora_r
+# per_block = {"c_attn": 4, "attn.c_proj": 2, "c_fc": 5, "mlp.c_proj": 5}
+# my_count = n_layer * sum(per_block[t] * r1 * C for t in cfg.lora.targets) + (n_trainable - lora)
+# ```
+#
+# </details>
+
+# %%
+my_count = 0  # your number
+
+
+check("attempt_parameters", my_count, rows=rows)

@@ -267,3 +267,32 @@ from hw3lib.exercises import check
 my_caption = ""  # your caption
 
 check("beat_the_baseline", my_caption, references=references, baseline=baseline)
+
+# %% [markdown]
+# **Write it yourself: CIDEr-D's length penalty.** Write `length_penalty(candidate_length, reference_length,
+# sigma=6.0)`, the factor `exp(-(l_c - l_r)^2 / (2 sigma^2))` that multiplies every n-gram match. What does a
+# 35-word answer keep against 10-word references?
+#
+# <details><summary>Hint</summary>
+#
+# `math.exp(-((candidate_length - reference_length) ** 2) / (2 * sigma**2))`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# import math
+#
+#
+# def length_penalty(candidate_length, reference_length, sigma=6.0):
+#     return math.exp(-((candidate_length - reference_length) ** 2) / (2 * sigma**2))
+# ```
+#
+# </details>
+
+# %%
+def length_penalty(candidate_length, reference_length, sigma=6.0):
+    raise NotImplementedError  # your code: the Gaussian of the length difference
+
+
+check("length_penalty", length_penalty)

@@ -233,3 +233,30 @@ def word_maps(token_strings, maps):
 
 
 check("word_maps", word_maps)
+
+# %% [markdown]
+# **Write it yourself: from an attention row to a map.** One query's attention over the visual positions is
+# a flat row: the CLS position first (when the encoder keeps it), then the patches row by row. Write `to_grid(row,
+# rows, cols, has_cls)`, which returns the (rows, cols) map of the patches. A map built from the wrong slice is off by
+# one patch everywhere, and still looks plausible.
+#
+# <details><summary>Hint</summary>
+#
+# Drop the first entry when `has_cls`, then `reshape(rows, cols)`: row-major is NumPy's default order.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def to_grid(row, rows, cols, has_cls):
+#     return row[1:].reshape(rows, cols) if has_cls else row.reshape(rows, cols)
+# ```
+#
+# </details>
+
+# %%
+def to_grid(row, rows, cols, has_cls):
+    raise NotImplementedError  # your code: the patches' (rows, cols) map, CLS left out
+
+
+check("to_grid", to_grid)

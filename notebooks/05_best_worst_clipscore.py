@@ -181,3 +181,31 @@ def top_and_last(per_image):
 
 
 check("top_and_last", top_and_last)
+
+# %% [markdown]
+# **Write it yourself: do the two metrics agree at the top?** Write `clipscore_rank_of_best_cider(per_image)`:
+# find the image with the highest CIDEr, and return its rank by CLIPScore (1 for the highest CLIPScore). Run it on
+# this run's `per_image`: is CIDEr's favourite near CLIPScore's top?
+#
+# <details><summary>Hint</summary>
+#
+# `best = max(per_image, key=lambda k: per_image[k]["cider"])`; its rank is one plus the number of images with
+# a higher CLIPScore.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def clipscore_rank_of_best_cider(per_image):
+#     best = max(per_image, key=lambda k: per_image[k]["cider"])
+#     return 1 + sum(v["clipscore"] > per_image[best]["clipscore"] for v in per_image.values())
+# ```
+#
+# </details>
+
+# %%
+def clipscore_rank_of_best_cider(per_image):
+    raise NotImplementedError  # your code: CLIPScore rank (1 = highest) of the highest-CIDEr image
+
+
+check("clipscore_rank_of_best_cider", clipscore_rank_of_best_cider)

@@ -37,12 +37,37 @@ def contexts(world):
 
     references = {r.file_id: list(r.references) for r in hw3_split(world, "p2_data")}
     common = Counter(c for r in hw3_split(world, "p2_data", "train") for c in r.references).most_common(1)[0][0]
+    model, _, rows, namespace = _attempt(world)
     return {"beat_the_baseline": {"references": references,
-                                  "baseline": cider({k: common for k in references}, references)[0]}}
+                                  "baseline": cider({k: common for k in references}, references)[0]},
+            "attempt_parameters": {"rows": rows}}, {"attempt_parameters": namespace}
+
+
+def _attempt(world):
+    """Notebook 02's main model and attempt 1 (demo config, untrained: the counts do not depend on training), and
+    the names the notebook's solution reads."""
+    from types import SimpleNamespace
+
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
+    from hw3lib.decoder import LoraConfig
+    from hw3lib.demo import MODELS_DIR
+    from hw3lib.train import attempt_configs
+
+    cfg = CaptionerConfig(encoder=EncoderConfig(name=str(MODELS_DIR / "vit"), pool=2),
+                          lora=LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")), **paths_for(world))
+    model, encoder, _ = build(cfg)
+    attempt, _, _ = build(attempt_configs(cfg, 4, ("c_attn",))["attempt 1"][1], with_encoder=False,
+                          encoder_dim=encoder.num_features)
+    rows = [{"run": "attempt 1", "trainable params": count_check(attempt)}]
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    namespace = {"P": SimpleNamespace(attempt_lora_r=4), "n_layer": model.decoder.cfg.n_layer,
+                 "C": model.decoder.cfg.n_embd, "cfg": cfg, "n_trainable": count_check(model), "lora": lora}
+    return model, attempt, rows, namespace
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_each_notebook_has_a_code_exercise_whose_solution_passes(path, contexts, capsys):
+    contexts, namespaces = contexts
     found = exercises(path)
     assert found, f"{path.name}: no code exercise with a solution"
     for name, fn, stub, solution in found:
@@ -52,7 +77,7 @@ def test_each_notebook_has_a_code_exercise_whose_solution_passes(path, contexts,
         exec(stub[: stub.index("check(")], stub_ns)  # the stub as committed
         assert not is_correct(name, stub_ns[fn], **context)
         assert "correct" not in capsys.readouterr().out
-        ns = {"np": np}
+        ns = {"np": np, **namespaces.get(name, {})}  # what the notebook has defined by then
         exec(solution, ns)
         assert is_correct(name, ns[fn], **context), f"{path.name}: the solution of {name} fails its check"
         assert capsys.readouterr().out.strip() == f"{name}: correct"
