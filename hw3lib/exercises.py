@@ -79,7 +79,37 @@ def _auc(answer) -> str | None:
     return None
 
 
+@exercise("most_common_caption")
+def _most_common_caption(answer) -> str | None:
+    """``answer(references) -> (caption, count)``: the caption written most often over all images' references
+    (``{image id: [captions]}``), as notebook 03's baseline uses it."""
+    from collections import Counter
+
+    cases = ({"a": ["x", "y"], "b": ["y", "z"], "c": ["y"]}, {"a": ["one"]}, {"a": ["p", "q"], "b": ["q", "q"]})
+    for refs in cases:
+        want = Counter(c for cs in refs.values() for c in cs).most_common(1)[0]
+        got = tuple(answer({k: list(v) for k, v in refs.items()}))
+        if got != want:
+            return f"for {refs}: expected {want}, got {got}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 01: LLaVA's prompt
+@exercise("first_sentence")
+def _first_sentence(answer) -> str | None:
+    """``answer(text)``: the answer's first sentence, up to its full stop (or ! or ?) followed by a space or the end;
+    whitespace collapsed. What ``llava_first_sentence = True`` keeps."""
+    from .llava import postprocess
+
+    for text in ("A red circle. It is large.", "A red circle", "  Two shapes!  And more ", "Mr.X is 3.5 m tall. Yes",
+                 "What is it? A star."):
+        want, got = postprocess(text, first_sentence=True), answer(text)
+        if got != want:
+            return f"for {text!r}: expected {want!r}, got {got!r}"
+    return None
+
+
+
 @exercise("left_pad")
 def _left_pad(answer) -> str | None:
     """``answer(sequences, pad_id) -> (input_ids, attention_mask)``: a batch of token-id lists padded on the left to
@@ -174,7 +204,34 @@ def _attempt_parameters(answer, rows: list[dict]) -> str | None:
     return None
 
 
+@exercise("warmup_cosine")
+def _warmup_cosine(answer) -> str | None:
+    """``answer(step, total, warmup)``: the learning-rate factor, rising linearly to 1 over ``warmup`` steps (step 0
+    gives 1 / warmup), then a cosine down to 0 at ``total``."""
+    from .train import warmup_cosine
+
+    for step, total, warmup in ((0, 100, 10), (9, 100, 10), (10, 100, 10), (55, 100, 10), (100, 100, 10),
+                                (3, 50, 0), (49, 50, 5)):
+        want, got = warmup_cosine(step, total, warmup), answer(step, total, warmup)
+        if not _close(got, want, atol=1e-9):
+            return f"at step {step} of {total} (warm-up {warmup}): expected {want:.4f}, got {got}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 03: CIDEr
+@exercise("idf")
+def _idf(answer) -> str | None:
+    """``answer(document_frequency, num_images)``: CIDEr's inverse document frequency, ``log(N / max(1, df))``."""
+    import math
+
+    for df, n in ((1, 300), (300, 300), (0, 10), (37, 5000)):
+        want, got = math.log(n) - math.log(max(1.0, df)), answer(df, n)
+        if not _close(got, want, atol=1e-9):
+            return f"for df {df} of {n} images: expected {want:.4f}, got {got}"
+    return None
+
+
+
 @exercise("length_penalty")
 def _length_penalty(answer) -> str | None:
     """``answer(candidate_length, reference_length, sigma=6.0)``: CIDEr-D's Gaussian length penalty."""
@@ -237,7 +294,34 @@ def _to_grid(answer) -> str | None:
     return None
 
 
+@exercise("peak_patch")
+def _peak_patch(answer) -> str | None:
+    """``answer(grid_map) -> (row, col)``: the patch where a (rows, cols) map peaks: what pointing accuracy tests."""
+    rng = np.random.default_rng(3)
+    for shape in ((3, 4), (6, 6), (24, 24)):
+        m = rng.random(shape)
+        want = tuple(int(v) for v in np.unravel_index(np.argmax(m), shape))
+        got = tuple(int(v) for v in answer(m.copy()))
+        if got != want:
+            return f"for a {shape[0]} x {shape[1]} map: expected (row, col) {want}, got {got}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- 05: extremes
+@exercise("zscore")
+def _zscore(answer) -> str | None:
+    """``answer(value, scores)``: how many standard deviations ``value`` lies from the mean of ``scores`` (NumPy's
+    population standard deviation, as notebook 05's facts use)."""
+    rng = np.random.default_rng(4)
+    for scores in (np.array([1.0, 2.0, 3.0]), rng.random(40)):
+        for value in (scores.max(), scores.min()):
+            want, got = (value - scores.mean()) / scores.std(), answer(value, scores.copy())
+            if not _close(got, want, atol=1e-9):
+                return f"for {value:.3f} among {len(scores)} scores: expected {want:.4f}, got {got}"
+    return None
+
+
+
 @exercise("clipscore_rank_of_best_cider")
 def _clipscore_rank_of_best_cider(answer) -> str | None:
     """``answer(per_image) -> rank``: where the image with the highest CIDEr stands by CLIPScore (1 = the highest

@@ -148,6 +148,10 @@ if world:
 # %% [markdown]
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Set `seed = 3` and run the notebook again: another grid, and other shuffled captions in `clip_check`. How much
 #    does the AUC move? That spread is the noise of the check itself.
 # 2. Point `clip_model` at the stand-in ViT's folder, `data/demo/models/vit`. The notebook stops with a clear error:
@@ -216,3 +220,32 @@ def auc(own, other):
 
 
 check("auc", auc)
+
+# %% [markdown]
+# **Write it yourself: the most common caption.** Notebook 03's baseline writes one caption under every image:
+# the one the annotators wrote most often. Write `most_common_caption(references)` for `{image id: [captions]}` (as
+# `train_refs` above); it returns `(caption, count)`. Run it on `train_refs`: how often does it occur?
+#
+# <details><summary>Hint</summary>
+#
+# `collections.Counter` over all captions of all images, then `.most_common(1)[0]`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# from collections import Counter
+#
+#
+# def most_common_caption(references):
+#     return Counter(c for captions in references.values() for c in captions).most_common(1)[0]
+# ```
+#
+# </details>
+
+# %%
+def most_common_caption(references):
+    raise NotImplementedError  # your code: (caption, count) over all images' references
+
+
+check("most_common_caption", most_common_caption)

@@ -214,6 +214,10 @@ display(Markdown(
 #
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Ask LLaVA for a detailed description only: `hw3 run --only 01_llava_prompts -p llava_instructions
 #    '{"detailed": "Describe the image in detail."}'`. Watch CIDEr against CLIPScore: which one notices that the
 #    caption is long?
@@ -290,3 +294,35 @@ def left_pad(sequences, pad_id):
 
 
 check("left_pad", left_pad)
+
+# %% [markdown]
+# **Write it yourself: keep the first sentence.** `llava_first_sentence = True` cuts every answer after its
+# first sentence. Write `first_sentence(text)`: collapse the whitespace, then keep everything up to the first `.`, `!`
+# or `?` that is followed by a space or ends the text ("3.5 m" does not end a sentence). Which rows of the sweep
+# would it change most?
+#
+# <details><summary>Hint</summary>
+#
+# `" ".join(text.split())` collapses the whitespace; then walk the characters and stop at a mark whose next
+# character is a space or the end.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def first_sentence(text):
+#     text = " ".join(text.split())
+#     for i, ch in enumerate(text):
+#         if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " "):
+#             return text[: i + 1]
+#     return text
+# ```
+#
+# </details>
+
+# %%
+def first_sentence(text):
+    raise NotImplementedError  # your code: the first sentence, whitespace collapsed
+
+
+check("first_sentence", first_sentence)

@@ -263,6 +263,10 @@ save_metrics(out, "captioner_training", {
 # %% [markdown]
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Set `attempt_lora_r = 64` and run the notebook again: four times the main run's rank, with the same scale.
 #    Compare the trainable-parameter count and the attempts table with this run. Does a larger rank buy CIDEr?
 # 2. Set `visual_norm = False` for the main run and look at the token-norm histogram and the first epochs of the
@@ -328,3 +332,35 @@ my_count = 0  # your number
 
 
 check("attempt_parameters", my_count, rows=rows)
+
+# %% [markdown]
+# **Write it yourself: the learning-rate schedule.** The training above warms the learning rate up linearly,
+# then lets it fall along a cosine to 0. Write `warmup_cosine(step, total, warmup)`, the factor that multiplies the
+# peak rate at optimiser step `step` (0-based) of `total`: `(step + 1) / warmup` during the warm-up, then
+# `0.5 * (1 + cos(pi * progress))`, with `progress` running from 0 after the warm-up to 1 at `total`.
+#
+# <details><summary>Hint</summary>
+#
+# `progress = min(1, (step - warmup) / max(1, total - warmup))`; guard `warmup = 0` with `max(1, warmup)`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# import math
+#
+#
+# def warmup_cosine(step, total, warmup):
+#     if step < warmup:
+#         return (step + 1) / max(1, warmup)
+#     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+# ```
+#
+# </details>
+
+# %%
+def warmup_cosine(step, total, warmup):
+    raise NotImplementedError  # your code: the factor at this step
+
+
+check("warmup_cosine", warmup_cosine)

@@ -229,6 +229,10 @@ save_metrics(out, "captioner", summary)
 # %% [markdown]
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Switch the decoding: `num_beams = 3` if this run decoded greedily (the demo's config does), `num_beams = 1` if it
 #    used beam search (the hw3 config). Compare CIDEr, CLIPScore and the mean caption length. Which metric moves
 #    more, and in which direction?
@@ -296,3 +300,33 @@ def length_penalty(candidate_length, reference_length, sigma=6.0):
 
 
 check("length_penalty", length_penalty)
+
+# %% [markdown]
+# **Write it yourself: the IDF of an n-gram.** In the box above, an n-gram's TF-IDF weight is its count times
+# `log(N / df)`: `N` images, `df` of them with the n-gram among their references (at least 1). Write `idf(df,
+# num_images)`. What is the IDF of an n-gram that every image's references contain, and what does that say about
+# "on a plain background"?
+#
+# <details><summary>Hint</summary>
+#
+# `math.log(num_images) - math.log(max(1.0, df))`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# import math
+#
+#
+# def idf(df, num_images):
+#     return math.log(num_images) - math.log(max(1.0, df))
+# ```
+#
+# </details>
+
+# %%
+def idf(df, num_images):
+    raise NotImplementedError  # your code: log(N / max(1, df))
+
+
+check("idf", idf)

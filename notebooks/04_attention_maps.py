@@ -184,6 +184,10 @@ display(Markdown(viz.markdown_table([{"model": name, "layer shown": summary["lay
 # %% [markdown]
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Set `attention_heads = "max"` and run again. Does the best layer change? Do the maps get sharper or noisier?
 # 2. Set `attention_query = "predict"` (the course's convention) and compare the P3 figures with `"both"`. At the
 #    step that predicts "red", the model has not said "red" yet; at the step that reads it, it has. Which of the
@@ -260,3 +264,29 @@ def to_grid(row, rows, cols, has_cls):
 
 
 check("to_grid", to_grid)
+
+# %% [markdown]
+# **Write it yourself: where a map peaks.** Pointing accuracy asks whether a word's map *peaks* on its object.
+# Write `peak_patch(grid_map)`, which returns the `(row, col)` of the largest value of a (rows, cols) map. Then look at
+# the figures: does "red" peak on the red object?
+#
+# <details><summary>Hint</summary>
+#
+# `np.argmax` gives the flat index; `np.unravel_index(index, grid_map.shape)` turns it into (row, col).
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def peak_patch(grid_map):
+#     return tuple(int(v) for v in np.unravel_index(np.argmax(grid_map), grid_map.shape))
+# ```
+#
+# </details>
+
+# %%
+def peak_patch(grid_map):
+    raise NotImplementedError  # your code: (row, col) of the maximum
+
+
+check("peak_patch", peak_patch)

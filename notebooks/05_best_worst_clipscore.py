@@ -147,6 +147,10 @@ save_metrics(out, "best_worst", pairs)
 #
 # ## Try it yourself
 #
+# **Change and watch** (no check: these are questions for your report; a notebook run again with `-p NAME VALUE`,
+# or its parameters cell edited in JupyterLab). Then three exercises that **check themselves**: write the code, run
+# its cell, and it says `correct` or what is wrong; a hint and the solution are folded under each.
+#
 # 1. Set `attention_heads = "max"`: do the maps of the two pairs tell a different story?
 # 2. Open `p2_val_per_image.json` and find the image with the highest CIDEr. Is it near the top by CLIPScore?
 # 3. Re-run notebook 03 with the other decoding (`num_beams = 3` on the demo, `1` on the hw3 config), then this
@@ -209,3 +213,29 @@ def clipscore_rank_of_best_cider(per_image):
 
 
 check("clipscore_rank_of_best_cider", clipscore_rank_of_best_cider)
+
+# %% [markdown]
+# **Write it yourself: how extreme are the extremes?** Write `zscore(value, scores)`: how many standard
+# deviations `value` lies from the mean of the array `scores` (NumPy's `std`, as the facts above use). Run it on the
+# top-1 and last-1 CLIPScores: which extreme is further from the crowd?
+#
+# <details><summary>Hint</summary>
+#
+# `(value - scores.mean()) / scores.std()`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def zscore(value, scores):
+#     return (value - scores.mean()) / scores.std()
+# ```
+#
+# </details>
+
+# %%
+def zscore(value, scores):
+    raise NotImplementedError  # your code: standard deviations from the mean
+
+
+check("zscore", zscore)
