@@ -129,6 +129,25 @@ plt.show()
 print("mean norms: " + ", ".join(f"{k} {float(v.mean()):.2f}" for k, v in norms.items()))
 
 # %% [markdown]
+# > **Pitfall: two fixes for the scale, and which one acts.** The seed report of this homework fixed the scale by
+# > cutting the visual positions out of the decoder's output *before* its final LayerNorm `ln_f`, so that only text
+# > positions reach `ln_f` and the vocabulary projection. A LayerNorm normalises each position on its own, so that
+# > cut changes no text logit, as the cell below checks on this model: it saves work, but the visual tokens' scale
+# > has already acted in every attention layer before `ln_f`. The LayerNorm on the projected visual tokens acts
+# > before the first layer; the ablation row of the attempts table below measures what it buys.
+
+# %%
+with torch.no_grad():
+    x = torch.cat([model.visual_tokens(sample), model.decoder.embed(ids)], 1)  # visual prefix, then the caption
+    hidden = model.decoder(inputs_embeds=x, logits=False).logits  # the last block's output, before ln_f
+    n_visual, head, ln_f = x.shape[1] - ids.shape[1], model.decoder.lm_head, model.decoder.transformer.ln_f
+    after = head(ln_f(hidden))[:, n_visual:]  # ln_f on every position, the text kept afterwards
+    before = head(ln_f(hidden[:, n_visual:]))  # the text cut out first, as the seed report did
+assert torch.allclose(after, before, atol=1e-5)
+print(f"text logits {tuple(before.shape)}: the same with the cut before ln_f or after it (max difference "
+      f"{(after - before).abs().max().item():.1e})")
+
+# %% [markdown]
 # ## Training
 #
 # AdamW on the trainable parameters, linear warm-up then cosine decay, gradient clipping, bf16 autocast on a GPU.
