@@ -27,10 +27,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.data import hw3_split
+from hw3lib.data import hw3_split, load_image
 from hw3lib.demo.world import ground_truth, object_set, parse_caption
 from hw3lib.metrics import ClipConfig, ClipScorer, clip_check
 from hw3lib.params import read
@@ -133,6 +134,31 @@ display(Markdown(f"AUC **{clip_metrics['auc']:.3f}**: an image's own caption sco
 # > cosines are far larger than real CLIP's: its CLIPScores come near 2.5, while the course's CLIP ViT-B/32 gives
 # > about 0.7 to 0.8 for good COCO captions (the range students of this homework reported). Nothing is broken when
 # > the demo's numbers look high: compare CLIPScores of one CLIP with each other, never across models.
+
+# %% [markdown]
+# ## Open the box: what CLIP's image tower receives
+#
+# CLIPScore never sees the file as it is: CLIP's preprocessing resizes the shorter side to the model's input size
+# (bicubic), crops the centre square, scales the pixels to [0, 1] and normalises each channel with CLIP's mean and
+# standard deviation. A caption about something near an edge of a wide image may be about pixels CLIP never saw.
+# Below, that preprocessing by hand, against the transform that CLIPScore uses.
+
+# %%
+from PIL import Image
+
+image, size = load_image(val[0].image_path), scorer.preprocess.transforms[1].size
+size = size[0] if isinstance(size, (tuple, list)) else size
+w, h = image.size
+scale = size / min(w, h)  # the shorter side becomes `size` (torchvision truncates the longer one)
+resized = image.resize((size if w <= h else int(w * scale), size if h <= w else int(h * scale)), Image.BICUBIC)
+left, top = round((resized.width - size) / 2), round((resized.height - size) / 2)  # the centre crop
+pixels = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+mean, std = (np.array(v, dtype=np.float32) for v in (scorer.preprocess.transforms[-1].mean,
+                                                         scorer.preprocess.transforms[-1].std))
+by_hand = torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1))
+assert torch.allclose(by_hand, scorer.preprocess(image), atol=1e-6)
+print(f"{w} x {h} pixels -> {tuple(by_hand.shape)}; by hand equals CLIP's preprocessing (largest difference "
+      f"{(by_hand - scorer.preprocess(image)).abs().max():.1e})")
 
 # %% [markdown]
 # The AUC above is the number to read: 0.5 would mean the CLIP model cannot tell an image's own caption from a

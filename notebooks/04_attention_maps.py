@@ -131,6 +131,12 @@ for name, entries in p3_entries.items():
 # %% [markdown]
 # ## Open the box: one word's map from the raw attention
 #
+# > **Pitfall: only eager attention returns its weights.** PyTorch's fused attention (`sdpa`) and flash attention
+# > never form the attention matrix, so `output_attentions=True` gets nothing from them. The captioner's decoder
+# > trains and generates with `sdpa` and forms the matrix itself only when asked (`output_attentions=True`, in
+# > `hw3lib/decoder.py`); for LLaVA, hw3lib switches the model to `attn_implementation="eager"` for the one
+# > teacher-forced pass and back afterwards (notebook 01's box does the same by hand).
+#
 # The captioner's decoder reads `[visual tokens (CLS first), <|endoftext|>, caption tokens]`. Its attention in one
 # layer is a `(heads, positions, positions)` tensor; a word's map under the course's convention is the row of the
 # position that *predicted* the word (for the first word: the `<|endoftext|>` position), cut to the columns of the
