@@ -109,7 +109,6 @@ def _first_sentence(answer) -> str | None:
     return None
 
 
-
 @exercise("left_pad")
 def _left_pad(answer) -> str | None:
     """``answer(sequences, pad_id) -> (input_ids, attention_mask)``: a batch of token-id lists padded on the left to
@@ -125,7 +124,6 @@ def _left_pad(answer) -> str | None:
             return f"for {seqs}: expected ids {want_ids.tolist()} and mask {want_mask.tolist()}, got " \
                    f"{torch.as_tensor(ids).tolist()} and {torch.as_tensor(mask).tolist()}"
     return None
-
 
 
 @exercise("image_positions")
@@ -164,7 +162,6 @@ def _merge_lora(answer) -> str | None:
         if not _close(torch.as_tensor(got).detach(), layer.weight.detach(), atol=1e-5):
             return f"r={r}, alpha={alpha}: not loralib's merged weight (shape {tuple(W.shape)}; scale alpha / r?)"
     return None
-
 
 
 @exercise("lora_forward")
@@ -231,7 +228,6 @@ def _idf(answer) -> str | None:
     return None
 
 
-
 @exercise("length_penalty")
 def _length_penalty(answer) -> str | None:
     """``answer(candidate_length, reference_length, sigma=6.0)``: CIDEr-D's Gaussian length penalty."""
@@ -243,7 +239,6 @@ def _length_penalty(answer) -> str | None:
         if not _close(got, want, atol=1e-9):
             return f"for lengths {c} and {r}: expected {want:.6g}, got {got}"
     return None
-
 
 
 @exercise("beat_the_baseline")
@@ -321,7 +316,6 @@ def _zscore(answer) -> str | None:
     return None
 
 
-
 @exercise("clipscore_rank_of_best_cider")
 def _clipscore_rank_of_best_cider(answer) -> str | None:
     """``answer(per_image) -> rank``: where the image with the highest CIDEr stands by CLIPScore (1 = the highest
@@ -336,7 +330,6 @@ def _clipscore_rank_of_best_cider(answer) -> str | None:
         if got != want:
             return f"for {n} images: expected rank {want}, got {got} (1 is the highest CLIPScore)"
     return None
-
 
 
 @exercise("top_and_last")
