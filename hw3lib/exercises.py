@@ -164,28 +164,6 @@ def _merge_lora(answer) -> str | None:
     return None
 
 
-@exercise("lora_forward")
-def _lora_forward(answer) -> str | None:
-    """``answer(x, W, b, A, B, alpha, r)``: a LoRA linear layer, ``x W^T + b + (alpha / r) x A^T B^T``, equal to
-    loralib's ``Linear`` (the library the course uses) with these weights."""
-    import loralib
-    import torch
-
-    torch.manual_seed(0)
-    for r, alpha in ((4, 8), (16, 32), (2, 1)):
-        layer = loralib.Linear(12, 10, r=r, lora_alpha=alpha, merge_weights=False)
-        with torch.no_grad():
-            layer.lora_B.normal_()  # loralib starts B at 0; a non-zero B shows the update
-        layer.eval()
-        x = torch.randn(3, 12)
-        want = layer(x).detach()
-        got = answer(x, layer.weight.detach(), layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(),
-                     alpha, r)
-        if not _close(torch.as_tensor(got).detach(), want, atol=1e-4):
-            return f"r={r}, alpha={alpha}: differs from loralib.Linear (did you scale by alpha / r?)"
-    return None
-
-
 @exercise("attempt_parameters")
 def _attempt_parameters(answer, rows: list[dict]) -> str | None:
     """``answer``: attempt 1's trainable-parameter count, worked out by hand before looking at the table (``rows``:
