@@ -109,6 +109,7 @@ else:
 
 # %%
 p3 = list_images(root / "p3_data/images")
+# the caption *text* is teacher-forced (as in 05): the box below recomputes its maps from that text
 p3_captions = {
     "captioner": caption_images(captioner, encoder, transform, root / "p3_data/images", settings.captioner),
     "llava": caption_records(llava, processor, p3, instruction, settings.llava, batch_size=len(p3),
