@@ -17,7 +17,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,12 @@ from .data import DataError, ImageDataset, Record, atomic_path
 
 @dataclass
 class TrainConfig:
-    num_epochs: int = 5  # passes over the training samples
+    num_epochs: int = 5  # passes over the training samples: the length of the learning-rate schedule
+    stop_after: int = 0  # train only the first this many epochs of that schedule (0: all); a later call with a larger
+    # value continues the same run
+    keep_epochs: tuple[int, ...] = ()  # also save the adapter after these epochs (out_dir/epoch-K), best or not
+    validate: bool = True  # caption the val images after every epoch, keep the best; False: train only (its history
+    # has the loss alone, and no best adapter: keep_epochs names the ones to save)
     batch_size: int = 64  # captions per step
     lr: float = 1e-3  # peak learning rate (projection and LoRA alike)
     weight_decay: float = 0.01  # AdamW; small, LoRA matrices are already low-rank
@@ -59,6 +64,7 @@ class TrainResult:
     best_epoch: int
     best_path: Path | None
     seconds: float
+    epoch_paths: dict[int, Path] = field(default_factory=dict)  # the adapters saved for ``keep_epochs``
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -136,6 +142,10 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     model.to(device)
     if cfg.feature_cache not in ("memory", "disk", "off"):
         raise ValueError(f"feature_cache must be 'memory', 'disk' or 'off', got {cfg.feature_cache!r}")
+    stop = cfg.stop_after or cfg.num_epochs
+    if not 0 < stop <= cfg.num_epochs or any(not 0 < k <= stop for k in cfg.keep_epochs):
+        raise ValueError(f"stop_after ({cfg.stop_after}) and keep_epochs ({list(cfg.keep_epochs)}) must lie within "
+                         f"the {cfg.num_epochs} epochs of the schedule")
     t_start = time.time()
     val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
     last = out_dir / "last.pt"
@@ -146,7 +156,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
         if cfg.feature_cache != "off" else None
     val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device) \
-        if d.main else None
+        if d.main and cfg.validate else None
     if cfg.feature_cache != "off" and d.main:
         log(f"features of {len(train_records)} + {len(val_records)} images ready in {time.time() - t_features:.1f}s")
     if d.active and cfg.feature_cache == "disk" and d.main:
@@ -181,7 +191,7 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     step_loss = caption_loss(model, amp, step_sizes(plan, tokens) if compiled else None,
                              "reduce-overhead" if device.type == "cuda" else None)  # CUDA graphs where there are
     with _block_weights_in_bf16(model, amp), _deterministic(cfg.deterministic and device.type == "cpu"):
-        for epoch in range(start_epoch, cfg.num_epochs):
+        for epoch in range(start_epoch, stop):
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
             model.train()
@@ -230,27 +240,32 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             if not d.main:  # the main process validates and writes the checkpoints
                 d.barrier()
                 continue
-            preds = caption_features(model, val_feats, gen, cfg.eval_batch_size, device)
-            pred = {r.file_id: c for r, c in zip(val_records, preds)}
-            row = {"epoch": epoch + 1, "loss": float(loss_sum) / len(plan[epoch]), "lr": sched.get_last_lr()[0],
-                   "val_cider": cider(pred, {r.file_id: list(r.references) for r in val_records})[0]}
-            if clip is not None:
-                row["val_clipscore"] = clip_score(clip, pred, val_records[0].image_path.parent)[0]
+            row = {"epoch": epoch + 1, "loss": float(loss_sum) / len(plan[epoch]), "lr": sched.get_last_lr()[0]}
+            if cfg.validate:
+                preds = caption_features(model, val_feats, gen, cfg.eval_batch_size, device)
+                pred = {r.file_id: c for r, c in zip(val_records, preds)}
+                row["val_cider"] = cider(pred, {r.file_id: list(r.references) for r in val_records})[0]
+                if clip is not None:
+                    row["val_clipscore"] = clip_score(clip, pred, val_records[0].image_path.parent)[0]
             row["seconds"] = round(time.time() - t0, 1)
             history.append(row)
-            if row["val_cider"] > best[0]:
+            if cfg.validate and row["val_cider"] > best[0]:
                 best = (row["val_cider"], epoch + 1)
                 save_adapter(model, out_dir / "best", extra={"epoch": epoch + 1, "history": history})
+            if epoch + 1 in cfg.keep_epochs:
+                save_adapter(model, out_dir / f"epoch-{epoch + 1}", extra={"epoch": epoch + 1, "history": history})
             _save_last(last, model, opt, sched, epoch, history, best, key)
-            clip_part = f", CLIPScore {row['val_clipscore']:.3f}" if "val_clipscore" in row else ""
-            log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}, val CIDEr {row['val_cider']:.3f}"
-                f"{clip_part} ({row['seconds']}s)")
+            scores = "".join(f", {name} {row[key]:.3f}" for key, name in (("val_cider", "val CIDEr"),
+                                                                          ("val_clipscore", "CLIPScore")) if key in row)
+            log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}{scores} ({row['seconds']}s)")
             d.barrier()
     if not d.main:  # the history and the best epoch as the main process wrote them
         state = torch.load(last, map_location="cpu", weights_only=False)
         history, best = state["history"], tuple(state["best"])
     best_path = out_dir / "best.safetensors"
-    return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start)
+    kept = {k: out_dir / f"epoch-{k}.safetensors" for k in cfg.keep_epochs}
+    return TrainResult(history, best[1], best_path if best_path.is_file() else None, time.time() - t_start,
+                       {k: path for k, path in kept.items() if path.is_file()})
 
 
 def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | None = None,
@@ -325,7 +340,8 @@ def _step(opt, sched, params, cfg: TrainConfig) -> None:
 def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_records: list[Record],
             gen: GenerationConfig) -> str:
     """What makes two runs the same: a checkpoint is resumed only by the run that wrote it."""
-    cfg = {k: v for k, v in asdict(cfg).items() if k != "compile"}  # speed only (keys of earlier runs stay valid)
+    # not part of it: speed (compile), and where this call stops and what it keeps: the schedule is the same
+    cfg = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "stop_after", "keep_epochs", "validate")}
     return json.dumps([asdict(model_cfg), cfg, [r.file_id for r in train_records],
                        [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
 
@@ -385,6 +401,28 @@ def _save_last(path: Path, model, opt, sched, epoch, history, best, run_key: str
 
 
 # --------------------------------------------------------------------------------------------------- attempts
+def attempt_schedule(cfg: TrainConfig, epochs: int) -> tuple[TrainConfig, TrainConfig | None]:
+    """``(main, attempts)``: the schedules of the main run and of the report's attempts. The attempts train the first
+    ``epochs`` epochs of the main schedule (its learning rate, warm-up and data order; 0: no attempts), and the main
+    run keeps its adapter after that epoch, so that the attempts table compares every run at the same point (the
+    attempts then skip the per-epoch validation, which picks no adapter of theirs)."""
+    if not 0 <= epochs <= cfg.num_epochs:
+        raise ValueError(f"attempt_epochs must lie in 0..num_epochs ({cfg.num_epochs}), got {epochs}")
+    if epochs in (0, cfg.num_epochs):
+        return cfg, (cfg if epochs else None)
+    return replace(cfg, keep_epochs=(epochs,)), replace(cfg, stop_after=epochs, keep_epochs=(epochs,), validate=False)
+
+
+def row_adapter(result: TrainResult, epoch: int | None, folder: str | Path) -> Path:
+    """The adapter that a row of the attempts table scores: the best epoch's (``epoch`` None), else the one kept
+    after ``epoch``."""
+    path = result.best_path if epoch is None else result.epoch_paths.get(epoch)
+    if path is None:
+        raise DataError(f"{folder}: no adapter after epoch {epoch} (the run finished before it was asked to keep "
+                        f"one); to train it again, {REPLACE}")
+    return path
+
+
 def attempt_configs(cfg, lora_r: int, lora_targets: tuple[str, ...]) -> dict:
     """The report's two LoRA attempts, each changing **one** knob of the main configuration ``cfg``: the rank (alpha
     scaled with it, so that the update's scale alpha / r stays the main run's) and the adapted layers (rank and

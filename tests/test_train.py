@@ -13,7 +13,7 @@ from hw3lib.cli import main
 from hw3lib.data import DataError, load_split
 from hw3lib.decoder import LoraConfig
 from hw3lib.demo.world import WorldConfig, build_world
-from hw3lib.train import TrainConfig, run_key, train
+from hw3lib.train import TrainConfig, attempt_schedule, row_adapter, run_key, train
 
 
 class Killed(Exception):
@@ -63,6 +63,43 @@ def test_killed_and_resumed_equals_uninterrupted(world, models_dir, tmp_path):
                    device="cpu")
     assert [row["epoch"] for row in result.history] == [1]
     assert any("starting over" in m for m in messages)
+
+
+def test_a_run_stopped_early_keeps_its_epoch_and_continues_into_the_whole_schedule(world, models_dir, tmp_path):
+    """The attempts of notebook 02 train the first epochs of the main schedule: stopping there is the same run, on
+    the same learning-rate curve, as the main run up to that epoch (the kept adapter equals it bit for bit)."""
+    from safetensors.torch import load_file
+
+    recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:12]
+    val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:3]
+    main_cfg, early_cfg = attempt_schedule(TrainConfig(num_epochs=3, batch_size=8, lr=3e-3, captions_per_image=2,
+                                                       seed=1), 1)
+    assert (main_cfg.stop_after, main_cfg.keep_epochs) == (0, (1,))
+    assert (early_cfg.stop_after, early_cfg.keep_epochs) == (1, (1,))
+    kw = dict(log=lambda *_: None, device="cpu")
+    model, enc, tr = _fresh(world, models_dir)
+    full = train(model, enc, tr, recs, val, main_cfg, tmp_path / "main", **kw)
+    reference = trained_state_dict(model)
+    model, enc, tr = _fresh(world, models_dir)
+    early = train(model, enc, tr, recs, val, early_cfg, tmp_path / "early", **kw)
+    assert [r["epoch"] for r in early.history] == [1] and early.history[0]["lr"] == full.history[0]["lr"] > 0
+    assert "val_cider" not in early.history[0] and early.best_path is None  # no validation: it picks nothing here
+    kept, same = (load_file(row_adapter(r, 1, "x")) for r in (full, early))
+    assert set(kept) == set(same) and all(torch.equal(kept[k], same[k]) for k in kept)
+    assert row_adapter(full, None, "x") == full.best_path
+    with pytest.raises(DataError, match=r"no adapter after epoch 2"):
+        row_adapter(full, 2, tmp_path / "main")
+
+    model, enc, tr = _fresh(world, models_dir)  # the same run asked for the whole schedule: it continues
+    rest = train(model, enc, tr, recs, val, replace(early_cfg, stop_after=0), tmp_path / "early", **kw)
+    assert [r["epoch"] for r in rest.history] == [1, 2, 3]
+    assert all(torch.equal(v, reference[k]) for k, v in trained_state_dict(model).items())
+
+    assert attempt_schedule(main_cfg, 0)[1] is None and attempt_schedule(main_cfg, 3)[1] == main_cfg
+    with pytest.raises(ValueError, match=r"attempt_epochs must lie in 0..num_epochs \(3\), got 4"):
+        attempt_schedule(main_cfg, 4)
+    with pytest.raises(ValueError, match=r"stop_after \(5\)"):
+        train(model, enc, tr, recs, val, replace(main_cfg, stop_after=5), tmp_path / "bad", **kw)
 
 
 def _fake_hw3_data(root, models_dir):
