@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import hw3lib.llava as llava  # noqa: E402
+import hw3lib.llava.captioning as captioning  # noqa: E402
 from hw3lib.data import list_images  # noqa: E402
 from hw3lib.rehearsal.weights import random_llava  # noqa: E402
 from llava_throughput import make_images  # noqa: E402
@@ -31,10 +32,10 @@ def main() -> None:
     recs = list_images(tmp)
     model, processor = random_llava(ROOT / "data/demo/models/llava", device="cuda")
     if args.path == "shared":
-        workbook = llava.generate
-        llava.generate = lambda m, enc, g, pad: workbook(m, enc, g, pad, prompt_once=False)
+        workbook = captioning.generate  # what caption_records calls
+        captioning.generate = lambda m, enc, g, pad: workbook(m, enc, g, pad, prompt_once=False)
     if args.path == "per-beam":
-        llava.generate = lambda m, enc, g, pad: m.generate(**enc, **g.generate_kwargs(), pad_token_id=pad)
+        captioning.generate = lambda m, enc, g, pad: m.generate(**enc, **g.generate_kwargs(), pad_token_id=pad)
     gen = llava.LlavaGeneration(num_beams=3, max_new_tokens=20, min_new_tokens=20)
     llava.caption_records(model, processor, recs[: args.batch], generation=gen, batch_size=args.batch, progress=False)
     torch.cuda.synchronize()

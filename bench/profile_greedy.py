@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--kernels", nargs="+", default=["eager", "liger"])
     ap.add_argument("--caches", nargs="+", default=["static", "static+graphs"],
-                    help="static+graphs: greedy steps replayed from a CUDA graph (hw3lib.fast_greedy)")
+                    help="static+graphs: greedy steps replayed from a CUDA graph (hw3lib.llava.decoding)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="")
     args = ap.parse_args()

@@ -239,21 +239,20 @@ def scored_settings(output_dir) -> ScoredSettings:
     from pathlib import Path
 
     from .captioner import GenerationConfig
-    from .data import read_json
     from .llava import DEFAULT_INSTRUCTION, LlavaGeneration
+    from .outputs import Run
 
-    metrics = Path(output_dir) / "metrics"
-    cap_file, llava_file = metrics / "captioner.json", metrics / "llava.json"
-    if cap_file.is_file():
-        gen = GenerationConfig(**read_json(cap_file)["generation"])
+    run = Run(Path("."), Path(output_dir))
+    captioner, info = run.metrics("captioner"), run.metrics("llava")
+    if captioner:
+        gen = GenerationConfig(**captioner["generation"])
         extras = "".join(f", {k} {v}" for k, v in (("length penalty", gen.length_penalty),
                                                    ("no repeat n-gram", gen.no_repeat_ngram_size)) if v not in (1.0, 0))
         cap_label = ("greedy" if gen.num_beams == 1 else f"beam {gen.num_beams}") + extras + \
             f", at most {gen.max_new_tokens} tokens, as notebook 03 scored"
     else:
         gen, cap_label = GenerationConfig(), "greedy; notebook 03 has not run, so its decoding is not known"
-    if llava_file.is_file():
-        info = read_json(llava_file)
+    if info:
         best = info["best"]
         llava = LlavaGeneration.from_dict(best["generation_config"])
         return ScoredSettings(gen, cap_label, llava, f"{llava.label}, notebook 01's best setting",

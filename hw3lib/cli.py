@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -171,7 +173,7 @@ def _cmd_train(args) -> int:
     from .data import check_output_dir, load_split
     from .decoder import LoraConfig
     from .distributed import setup
-    from .metrics import ClipConfig, ClipScorer
+    from .outputs import clip_scorer
     from .train import TrainConfig, check_run_folder, train
 
     d = setup()  # data-parallel under torchrun / accelerate launch; else one process
@@ -197,8 +199,7 @@ def _cmd_train(args) -> int:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
     model, encoder, transform = build(cfg, seed=args.seed)
     say(f"trainable parameters: {count_check(model):,}" + (f"; {d.world_size} processes" if d.active else ""))
-    clip = ClipScorer(ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained or None)) \
-        if args.clip_model and d.main else None  # the main process validates
+    clip = clip_scorer(args.clip_model, args.clip_pretrained) if d.main else None  # the main process validates
     try:
         result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
                        resume=not args.no_resume, overwrite=True, log=say)
@@ -226,7 +227,7 @@ def _cmd_caption(args) -> int:
 def _cmd_llava_caption(args) -> int:
     from .data import check_output_file, list_images
     from .distributed import setup
-    from .llava import LlavaGeneration, _device_of, caption_folder, load_llava, use_fast_kernels
+    from .llava import LlavaGeneration, LlavaLoad, caption_folder, device_of, partial_files
 
     gen = LlavaGeneration(num_beams=args.num_beams, do_sample=args.temperature > 0,
                           temperature=args.temperature or 1.0, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -244,24 +245,19 @@ def _cmd_llava_caption(args) -> int:
         torch.use_deterministic_algorithms(True)
     d = setup()  # one process per GPU under torchrun / accelerate launch; else one process
     device = d.device(args.device) if d.active else args.device
-    if args.random_weights:  # the 7B architecture, random: its speed without the download
-        from .rehearsal.weights import random_llava
-
-        model, processor = random_llava(args.processor or args.model, device=str(device or "cuda"))
-    else:
-        model, processor = load_llava(args.model, device=device, load_in_4bit=args.load_in_4bit)
-    if args.cache == "static+graphs" and _device_of(model).type != "cuda":
+    load = LlavaLoad(str(args.processor or args.model) if args.random_weights else str(args.model),
+                     load_in_4bit=args.load_in_4bit, fast_kernels=args.liger,
+                     device=str(device) if device is not None else None, random_weights=args.random_weights)
+    model, processor = load.load()  # random weights: the 7B architecture, for its speed without the download
+    if args.cache == "static+graphs" and device_of(model).type != "cuda":
         print("--cache static+graphs: CUDA graphs need a GPU; on the CPU the same steps run one by one",
               file=sys.stderr)
-    if args.liger and not use_fast_kernels(model):
-        print("--liger: liger-kernel is not installed (pip install liger-kernel), the model is not on a GPU or "
-              "is 4-bit; captioning with PyTorch's kernels", file=sys.stderr)
     try:
         run = caption_folder(model, processor, args.images, out, instruction=args.prompt, generation=gen,
                              batch_size=args.batch_size, num_workers=args.num_workers,
                              first_sentence=args.first_sentence, model_name=str(args.model))
     except KeyboardInterrupt:  # each finished batch is in the partial file; the JSON is written only at the end
-        kept = sorted(out.parent.glob(out.name + ".partial*.jsonl"))
+        kept = partial_files(out)
         raise KeyboardInterrupt(f"the captions of the finished batches are in {kept[0]}; the same command goes on "
                                 f"from them" if kept else f"no batch had finished; {out} was not written") from None
     rate = run.computed / run.seconds if run.seconds else 0.0
@@ -573,6 +569,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hw3 {args.command}: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = one_line_warning
+    terminated = []
+
+    def on_sigterm(signum, frame):  # `kill PID`: stopped as Ctrl-C stops it, so that no kernel or worker outlives it
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         if os.environ.get("HW3_GPU_CAP_GIB") and args.command != "run":  # any command on a pretended smaller card
             from .distributed import apply_gpu_cap
@@ -580,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
             apply_gpu_cap()
         return args.func(args)
     except KeyboardInterrupt as e:
-        print(f"hw3 {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
-        return 130
+        print(f"hw3 {args.command}: {'terminated' if terminated else 'interrupted'}{f': {e}' if str(e) else ''}",
+              file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:  # noqa: BLE001 -- a user sees one line; developers set HW3_DEBUG=1
         if os.environ.get("HW3_DEBUG"):
             raise
@@ -595,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1: a notebook failed (its executed copy holds the traceback); 2: wrong input, before or during the work
         return 1 if isinstance(e, WorkbookError) and not isinstance(e, ConfigError) else 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

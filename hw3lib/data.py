@@ -291,6 +291,9 @@ def write_json_atomic(path: str | Path, payload, indent: int | None = 1) -> None
         tmp.write_text(json.dumps(payload, indent=indent, ensure_ascii=False), encoding="utf-8")
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the workbook's folder: where the notebooks run, and the demo's models lie
+
+
 def relative(path: str | Path, start: str | Path | None = None) -> str:
     """``path`` relative to ``start`` (the working directory: the workbook's root in its notebooks) when it lies
     inside it, else as given: what reports print, so that no one's home folder ends up in them."""

@@ -145,15 +145,20 @@ def build_markdown(out: Path, metrics: dict) -> tuple[str, list[str]]:
     r.add("### 2. Two LoRA attempts", "")
     attempts = (training or {}).get("attempts")
     if attempts:
-        r.add("Each attempt changes one knob of the best setting and keeps the rest, the schedule included; every "
-              "run's best epoch captions the whole validation split with the final decoding.", "")
+        early = next((a for a in attempts if a["run"].startswith("main, epoch")), None)
+        when = ("every run's best epoch" if early is None else
+                f"the main run's best epoch, and every other run after epoch {early['epochs']} (the attempts train "
+                f"the first {early['epochs']} epochs of the main schedule: compare them with the row "
+                f"\"{early['run']}\")")
+        r.add("Each attempt changes one knob of the best setting and keeps the rest, the schedule included; "
+              f"{when} captions the whole validation split with the final decoding.", "")
         rows = [[a["run"], a["changed"], a["lora_r"], a["alpha"], _f(a["alpha_over_r"], 2), a["dropout"],
                  a["targets"], "yes" if a["visual_norm"] else "no", f"{a['trainable_params']:,}", a["epochs"],
                  _f(a["val_cider"]), _f(a["val_clipscore"])] for a in attempts]
         r.add(*_table(["run", "changed", "r", "alpha", "alpha / r", "dropout", "targets", "visual LayerNorm",
                        "trainable params", "epochs", "val CIDEr", "val CLIPScore"], rows))
         if any(a["run"] == "ablation" for a in attempts):
-            r.add("The ablation row is not a LoRA setting: it removes the visual LayerNorm, for fewer epochs.", "")
+            r.add("The ablation row is not a LoRA setting: it removes the visual LayerNorm.", "")
     else:
         r.missing("02_train_lora_captioner")
     r.write_here("What does each knob change, and is the difference larger than the epoch-to-epoch noise of the "

@@ -173,7 +173,7 @@ DEMO_FOLDERS = {"CLIP": "--clip-model data/demo/models/clip --clip-pretrained ''
 
 def _demo_folder(what: str) -> str:
     """How to use the demo's stand-in instead, where the workbook has built it."""
-    from .workbook import ROOT
+    from .data import ROOT
 
     option = DEMO_FOLDERS.get(what)
     folder = option and ROOT / option.split()[1]

@@ -22,10 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .data import ROOT
+
 NAME = "hw3"
 STACKS_ENV = "HW3_KERNEL_STACKS"
 DISPLAY_NAME = "HW3 workbook"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def spec() -> dict:

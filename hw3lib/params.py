@@ -19,7 +19,7 @@ AT_LEAST = {name: 1 for name in ("num_show", "llava_num_show", "llava_batch_size
                                  "eval_images", "num_beams")}
 AT_LEAST.update({name: 0 for name in ("seed", "llava_num_images", "llava_num_workers", "captions_per_image",
                                       "max_train_images", "no_repeat_ngram_size", "pointing_images",
-                                      "ablation_epochs")})
+                                      "attempt_epochs")})
 ABOVE = {"lr": 0.0}  # strictly
 
 

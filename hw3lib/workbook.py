@@ -23,10 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from .data import DataError, atomic_path, check_output_dir, relative
+from .data import ROOT, DataError, atomic_path, check_output_dir, relative
 from .report import CUDA_PEAK_ENV, merge_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class WorkbookError(RuntimeError):
@@ -412,6 +411,7 @@ def _local_kernel_manager(stacks: Path):
     same names for every kernel of a run."""
     from jupyter_client.manager import AsyncKernelManager
 
+    from . import kernel
     from .kernel import STACKS_ENV
 
     class LocalKernelManager(AsyncKernelManager):
@@ -426,7 +426,7 @@ def _local_kernel_manager(stacks: Path):
             LocalKernelManager.started.append(self)
 
         def format_kernel_cmd(self, extra_arguments=None):
-            return [sys.executable, "-m", "hw3lib.kernel", "--here", "-f", self.connection_file]  # papermill's cwd
+            return [sys.executable, "-m", kernel.__name__, "--here", "-f", self.connection_file]  # papermill's cwd
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             env = dict(kw.get("env") or os.environ)

@@ -33,13 +33,12 @@ from IPython.display import Markdown, display
 from hw3lib import viz
 from hw3lib.data import hw3_split, load_image
 from hw3lib.demo.world import ground_truth, object_set, parse_caption
-from hw3lib.metrics import ClipConfig, ClipScorer, clip_check
-from hw3lib.params import read
+from hw3lib.metrics import clip_check
+from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
-P = read(globals())
-root, out = Path(P.data_root), Path(P.output_dir)
-(out / "figures").mkdir(parents=True, exist_ok=True)
+P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
+root, out = run.data_root, run.output_dir
 
 # %% [markdown]
 # ## The splits
@@ -119,7 +118,7 @@ else:
 # the AUC is the probability that the own caption scores higher.
 
 # %%
-scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+scorer = clip_scorer(P.clip_model, P.clip_pretrained)
 checked = clip_check(scorer, val, seed=P.seed)
 fig = viz.score_histograms({"own caption": checked["true"], "another image's caption": checked["shuffled"]},
                            title=f"{Path(P.clip_model).name}: AUC {checked['auc']:.3f}")

@@ -59,15 +59,13 @@ from IPython.display import Markdown, display
 from hw3lib import viz
 from hw3lib.data import hw3_split, load_image
 from hw3lib.demo.world import world_scores
-from hw3lib.llava import LlavaGeneration, build_prompt, image_token_span, load_llava, sweep, sweep_summary
-from hw3lib.metrics import ClipConfig, ClipScorer
-from hw3lib.params import read
+from hw3lib.llava import LlavaGeneration, LlavaLoad, build_prompt, image_token_span, sweep, sweep_summary
+from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
 # %%
-P = read(globals())
-root, out = Path(P.data_root), Path(P.output_dir)
-(out / "figures").mkdir(parents=True, exist_ok=True)
+P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
+root, out = run.data_root, run.output_dir
 generations = {name: LlavaGeneration.from_dict({"cache": P.llava_cache, **g} if P.llava_cache else g)
                for name, g in P.llava_generations.items()}
 records = hw3_split(root, "p1_data")
@@ -80,7 +78,8 @@ print(f"{len(records)} p1 val images, {len(P.llava_instructions)} instructions x
 # ## The model
 
 # %%
-model, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit, fast_kernels=P.llava_fast_kernels)
+load = LlavaLoad(P.llava_model, load_in_4bit=P.llava_load_in_4bit, fast_kernels=P.llava_fast_kernels)
+model, processor = load.load()
 cfg = model.config
 parts = {"vision tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
          "language model": model.model.language_model, "lm head": model.lm_head}
@@ -151,7 +150,7 @@ print(f"token {t} of the answer {tok.convert_ids_to_tokens(att.token_ids)}: its 
 # scene's (colour, shape) objects). Finished settings are reused when the notebook runs again with the same values.
 
 # %%
-scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+scorer = clip_scorer(P.clip_model, P.clip_pretrained)
 extra = world_scores(root / "p1_data")  # caption accuracy on the shapes world; nothing on the course's data
 if P.llava_gpus > 1:  # a process per GPU loads the model: this process's copy would crowd GPU 0
     model = parts = None
@@ -159,8 +158,7 @@ if P.llava_gpus > 1:  # a process per GPU loads the model: this process's copy w
     torch.cuda.empty_cache()
 rows = sweep(model, processor, records, P.llava_instructions, generations, out / "p1", references, scorer=scorer,
              extra_scores=extra, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
-             first_sentence=P.llava_first_sentence, model_name=P.llava_model, gpus=P.llava_gpus,
-             load_in_4bit=P.llava_load_in_4bit, fast_kernels=P.llava_fast_kernels)
+             first_sentence=P.llava_first_sentence, load=load, gpus=P.llava_gpus)
 columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length", *extra, "seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))
 

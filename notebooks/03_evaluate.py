@@ -23,10 +23,8 @@ num_show: int = 8  # example captions shown
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
-import json
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -34,17 +32,16 @@ from IPython.display import Markdown, display
 
 from hw3lib import viz
 from hw3lib.captioner import GenerationConfig, load_adapter
-from hw3lib.data import hw3_split, read_json, relative, write_json_atomic
+from hw3lib.data import hw3_split, relative, write_json_atomic
 from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
-from hw3lib.metrics import ClipConfig, ClipScorer, cider, clip_score, score_split
-from hw3lib.params import read
+from hw3lib.metrics import cider, clip_score, score_split
+from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
 # %%
-P = read(globals())
-root, out = Path(P.data_root), Path(P.output_dir)
-(out / "figures").mkdir(parents=True, exist_ok=True)
-adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
+P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
+root, out = run.data_root, run.output_dir
+adapter = run.adapter(P.adapter)
 gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
                        no_repeat_ngram_size=P.no_repeat_ngram_size)
 
@@ -56,9 +53,9 @@ gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, l
 # function and the same decoding, so its table and this notebook agree.
 
 # %%
-model, encoder_model, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
+model, encoder_model, transform = load_adapter(adapter, decoder_checkpoint=run.decoder_checkpoint)
 val = hw3_split(root, "p2_data")
-scorer = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+scorer = clip_scorer(P.clip_model, P.clip_pretrained)
 scored = score_split(model, encoder_model, transform, val, gen, scorer, root / "p2_data/images/val", P.batch_size)
 predictions, score, per_cider, clip_mean, per_clip = (scored.predictions, scored.cider, scored.per_cider,
                                                       scored.clipscore, scored.per_clip)
@@ -155,14 +152,14 @@ print(f"{k}: by hand {cider_d(k):.6f}, pycocoevalcap {per_cider[k]:.6f}\n  capti
 # 0.4% of its n-gram credit, whatever it says.
 
 # %%
-llava_file = out / "metrics/llava.json"
-if llava_file.is_file():
+llava_run = run.metrics("llava")  # notebook 01's sweep
+if llava_run:
     ref_len = np.mean([len(c.split()) for r in hw3_split(root, "p1_data") for c in r.references])
     display(Markdown(viz.markdown_table([
         {"P1 setting": row["name"], "CIDEr": row["cider"], "mean length": row["mean_length"],
          "minus the references' mean": row["mean_length"] - ref_len,
          "penalty at the mean lengths": f"{math.exp(-((row['mean_length'] - ref_len) ** 2) / 72):.2g}"}
-        for row in read_json(llava_file)["sweep"]])))
+        for row in llava_run["sweep"]])))
 else:
     print("notebook 01 has not run: no P1 rows to compare")
 
@@ -224,9 +221,7 @@ fig.savefig(out / "figures/03_examples.png", dpi=110)
 plt.show()
 
 # %%
-training_file = out / "metrics/captioner_training.json"
-training = json.loads(training_file.read_text()) if training_file.is_file() else {}
-summary["attempts"] = training.get("attempts", [])
+summary["attempts"] = (run.metrics("captioner_training") or {}).get("attempts", [])  # notebook 02's
 summary["generation"] = asdict(gen)
 save_metrics(out, "captioner", summary)
 

@@ -32,8 +32,6 @@ pointing_images: int = 100  # val images scored for pointing accuracy (shapes wo
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
@@ -43,14 +41,13 @@ from hw3lib.attention import (QUERIES, aggregate, captioner_entries, check_query
 from hw3lib.captioner import caption_images, load_adapter
 from hw3lib.data import hw3_split, list_images, relative
 from hw3lib.demo.world import ground_truth
-from hw3lib.llava import caption_records, load_llava
-from hw3lib.params import read
+from hw3lib.llava import LlavaLoad, caption_records
+from hw3lib.outputs import start
 from hw3lib.report import save_metrics
 
-P = read(globals())
+P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
 check_query(P.attention_query, allow_best=True)  # a misspelt name stops here, before any captioning
-root, out = Path(P.data_root), Path(P.output_dir)
-(out / "figures").mkdir(parents=True, exist_ok=True)
+root, out = run.data_root, run.output_dir
 
 # %% [markdown]
 # ## The two models, and the captions that were scored
@@ -61,11 +58,11 @@ root, out = Path(P.data_root), Path(P.output_dir)
 # very caption: what you see is what was scored.
 
 # %%
-adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
+adapter = run.adapter(P.adapter)
 settings = scored_settings(out)
 instruction = P.llava_instruction or settings.llava_instruction
-captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
-llava, processor = load_llava(P.llava_model, load_in_4bit=P.llava_load_in_4bit)
+captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=run.decoder_checkpoint)
+llava, processor = LlavaLoad(P.llava_model, load_in_4bit=P.llava_load_in_4bit).load()
 display(Markdown(viz.markdown_table([
     {"model": "captioner", "weights": relative(adapter), "decoding": settings.captioner_label},
     {"model": "LLaVA", "weights": P.llava_model, "decoding": f"{instruction!r}, {settings.llava_label}"}])))

@@ -16,8 +16,6 @@ clip_pretrained: str = ""  # "openai" for the real CLIP; "" for a folder
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
@@ -25,23 +23,19 @@ from IPython.display import Markdown, display
 from hw3lib import viz
 from hw3lib.attention import aggregate, captioner_entries, choose_layer
 from hw3lib.captioner import load_adapter
-from hw3lib.data import hw3_split, read_json
+from hw3lib.data import hw3_split
 from hw3lib.demo.world import caption_accuracy, ground_truth, object_set, parse_caption
-from hw3lib.params import read
+from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
-P = read(globals())
-root, out = Path(P.data_root), Path(P.output_dir)
-(out / "figures").mkdir(parents=True, exist_ok=True)
+P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
+root, out = run.data_root, run.output_dir
 
 # %% [markdown]
 # ## Every caption's CLIPScore
 
 # %%
-per_image_file = out / "p2_val_per_image.json"
-if not per_image_file.is_file():
-    raise FileNotFoundError(f"{per_image_file}: run notebook 03 first (it writes the per-image scores)")
-per_image = read_json(per_image_file)
+per_image = run.per_image()  # notebook 03's captions and scores
 val = {r.file_id: r for r in hw3_split(root, "p2_data")}
 scores = np.array([v["clipscore"] for v in per_image.values()])
 ranked = sorted(per_image, key=lambda k: per_image[k]["clipscore"])
@@ -66,9 +60,8 @@ print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard 
 import torch
 
 from hw3lib.data import load_image
-from hw3lib.metrics import ClipConfig, ClipScorer
 
-clip = ClipScorer(ClipConfig(model=P.clip_model, pretrained=P.clip_pretrained or None))
+clip = clip_scorer(P.clip_model, P.clip_pretrained)
 pixels = clip.preprocess(load_image(val[top].image_path))[None].to(clip.device, clip.dtype)
 tokens = clip.tokenizer([per_image[top]["caption"]]).to(clip.device)
 with torch.no_grad():
@@ -84,11 +77,9 @@ print(f"cos {cos:.4f} -> CLIPScore {2.5 * max(cos, 0.0):.4f}; notebook 03: {per_
 # notebook 04 chose for the captioner (its `layer_shown` and `query_shown`), so the two notebooks agree.
 
 # %%
-adapter = Path(P.adapter) if P.adapter else out / "p2/main/best.safetensors"
-captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
-attention_file = out / "metrics/attention.json"
-chosen = read_json(attention_file) if attention_file.is_file() else {}
-shown, query = chosen.get("layer_shown", {}), chosen.get("query_shown", {}).get("captioner", "predict")
+adapter = run.adapter(P.adapter)
+captioner, encoder, transform = load_adapter(adapter, decoder_checkpoint=run.decoder_checkpoint)
+shown, query = run.attention_view()  # notebook 04's layer and query
 
 # %%
 entries = dict(zip(("top", "bottom"), captioner_entries(captioner, encoder, transform, [val[top], val[bottom]],

@@ -117,23 +117,23 @@ def test_sweep_on_two_processes_equals_one(llava, models_dir, world, tmp_path):
     """llava.sweep(gpus=2) captions every setting under torchrun (2 gloo processes), then scores in this process:
     the same predictions files and the same rows as gpus=1; a second call reuses them without launching."""
     from hw3lib.data import hw3_split
-    from hw3lib.llava import LlavaGeneration, sweep
+    from hw3lib.llava import LlavaGeneration, LlavaLoad, sweep
 
     model, processor = llava
     records = hw3_split(world, "p1_data")[:5]
     refs = {r.file_id: list(r.references) for r in records}
     instructions = {"one": "Describe this image in one sentence.", "few": "Describe the image in a few words."}
     gens = {"greedy": LlavaGeneration(max_new_tokens=10)}
-    name = str(models_dir / "llava")
-    one = sweep(model, processor, records, instructions, gens, tmp_path / "one", refs, batch_size=2,
-                model_name=name, progress=False)
-    two = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, model_name=name,
+    load = LlavaLoad(str(models_dir / "llava"), device="cpu")
+    one = sweep(model, processor, records, instructions, gens, tmp_path / "one", refs, batch_size=2, load=load,
+                progress=False)
+    two = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, load=load,
                 progress=False, gpus=2)
     for a, b in zip(one, two):
         assert Path(a["predictions"]).read_bytes() == Path(b["predictions"]).read_bytes()
         assert (a["name"], a["cider"], a["mean_length"]) == (b["name"], b["cider"], b["mean_length"])
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    again = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, model_name=name,
+    again = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, load=load,
                   progress=False, gpus=2)
     assert again == two
 

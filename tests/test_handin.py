@@ -43,7 +43,7 @@ def hw3_run(world, hf_home, tmp_path_factory):
     cfg.parameters = {**cfg.parameters, "data_root": str(root), "llava_model": LLAVA_ID, "llava_num_images": 6,
                       "llava_instructions": {"one sentence": "Describe this image in one sentence."},
                       "llava_generations": {"beam 3": {"num_beams": 3, "max_new_tokens": 20}},
-                      "llava_num_show": 1, "num_epochs": 1, "ablation_epochs": 0, "eval_images": 4,
+                      "llava_num_show": 1, "num_epochs": 1, "attempt_epochs": 1, "eval_images": 4,
                       "num_beams": 3, "max_new_tokens": 12, "num_show": 2}
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     saved = {k: os.environ.get(k) for k in [*env, "HF_HUB_CACHE"]}

@@ -79,7 +79,7 @@ def test_batched_greedy_equals_one_at_a_time(llava, p1_records):
 def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(llava, p1_records, settings,
                                                                                 prompt_once):
     """generate() runs the prompt once per image, not once per beam. With prompt_once its keys and values stay
-    once per image (hw3lib.beam_kv); without, the cache is repeated for the beams. Either way the result is token
+    once per image (hw3lib.llava.decoding); without, the cache is repeated for the beams. Either way the result is token
     for token what model.generate(num_beams=K) gives. "padded" mixes instructions of different lengths, so the
     prompts are left-padded."""
     from hw3lib.llava import generate
@@ -102,11 +102,10 @@ def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(
 @pytest.mark.parametrize("settings", [dict(max_new_tokens=12), dict(max_new_tokens=40),
                                       dict(max_new_tokens=20, min_new_tokens=16), dict(max_new_tokens=30, padded=True)])
 def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records, settings):
-    """cache="static+graphs" (hw3lib.fast_greedy): on the CPU its steps run without a graph, token for token what
+    """cache="static+graphs" (hw3lib.llava.decoding.graphed_greedy): on the CPU its steps run without a graph, token for token what
     model.generate gives: short and long limits (rows ending early: padding after the end, the output cut where the
     last row ended), end-of-sequence blocked by min_new_tokens, left-padded prompts."""
-    from hw3lib import fast_greedy
-    from hw3lib.llava import generate
+    from hw3lib.llava.decoding import generate, graphs_supported
 
     model, processor = llava
     settings = dict(settings)
@@ -114,7 +113,7 @@ def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records,
     instructions = [DEFAULT_INSTRUCTION, "Shapes?", "Name every shape and colour in this picture, one by one."]
     texts = [build_prompt(processor, instructions[i % 3] if padded else DEFAULT_INSTRUCTION) for i in range(6)]
     gen = LlavaGeneration(cache="static+graphs", **settings)
-    assert fast_greedy.supported(model, gen) and not fast_greedy.supported(model, LlavaGeneration(num_beams=2))
+    assert graphs_supported(model, gen) and not graphs_supported(model, LlavaGeneration(num_beams=2))
     images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:6]]
     enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     pad = processor.tokenizer.pad_token_id
@@ -127,25 +126,25 @@ def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records,
 
 
 def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
-    """hw3lib.beam_kv's layer against a brute-force per-beam cache: the same keys for every beam after writes and
+    """hw3lib.llava.decoding's prompt-once layer against a brute-force per-beam cache: the same keys for every beam after writes and
     reorders, while the prompt is stored once per image."""
     from transformers import DynamicCache
 
-    from hw3lib import beam_kv
+    from hw3lib.llava.decoding import attach_prompt_once
 
     B, K, H, P, D, T = 2, 3, 2, 5, 4, 4
     g = torch.Generator().manual_seed(0)
     prompt = torch.randn(B, H, P, D, generator=g)
     cache = DynamicCache()
     cache.update(prompt, prompt + 1, 0)
-    beam_kv.attach(cache, torch.ones(B, P, dtype=torch.long), K, T)
+    attach_prompt_once(cache, torch.ones(B, P, dtype=torch.long), K, T)
     layer = cache.layers[0]
     ref = prompt.repeat_interleave(K, dim=0)  # (B*K, H, P, D): what transformers keeps
     for step in range(3):
         new = torch.randn(B * K, H, 1, D, generator=g)
         keys, _ = layer.update(new, new, 0)
         ref = torch.cat([ref, new], dim=2)
-        layer.shared.written += 1
+        layer.state.written += 1
         beam = torch.tensor([[2, 0, 0], [1, 1, 2]]) + torch.arange(B)[:, None] * K  # survivors, within each image
         layer.reorder_cache(beam.flatten())
         ref = ref[beam.flatten()]
@@ -153,7 +152,7 @@ def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
         got = layer._beams(layer.kbuf)[:, :, :step + 1]  # (B, K, t, H, D)
         assert torch.equal(got.reshape(B * K, step + 1, H, D).transpose(1, 2), ref[:, :, P:])
         assert torch.equal(layer.kbuf[:, :P].transpose(1, 2), prompt)
-    mask = layer.shared.step_mask(1)  # query of beam k sees the prompt and its own written slots (+ the new one)
+    mask = layer.state.step_mask(1)  # query of beam k sees the prompt and its own written slots (+ the new one)
     assert mask.shape == (B, 1, K, P + K * T)
     assert mask[0, 0, 1].tolist() == [True] * P + [False] * T + [True] * 4 + [False] * T
 
@@ -313,11 +312,11 @@ def test_standin_vision_tower_is_the_demo_vit(models_dir, p1_records):
 
 
 def test_fast_kernels_serve_prompts_and_leave_single_tokens_to_pytorch():
-    """hw3lib.llava._prompt_only: the forward Liger binds to a module runs on prompts (several tokens); one-token
+    """hw3lib.llava.loading._prompt_only: the forward Liger binds to a module runs on prompts (several tokens); one-token
     decoding steps get the module's own forward."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from hw3lib.llava import _prompt_only
+    from hw3lib.llava.loading import _prompt_only
 
     norm = LlamaRMSNorm(8)
     norm.forward = lambda x: torch.full_like(x, 7.0)  # stands for Liger's kernel

@@ -109,23 +109,26 @@ def test_captioner_notebooks_run_quickly(world, tmp_path):
     """02 then 03 on a slice of the training set: the papermill path, the metrics sections, the adapter hand-off."""
     cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
     cfg.output_dir = tmp_path
-    cfg.parameters = {**cfg.parameters, "num_epochs": 2, "ablation_epochs": 1, "max_train_images": 60,
+    cfg.parameters = {**cfg.parameters, "num_epochs": 2, "attempt_epochs": 1, "max_train_images": 60,
                       "eval_images": 10, "max_new_tokens": 12, "num_show": 2}
     merged = wb.run(cfg, only=["02_train_lora_captioner", "03_evaluate"], html=False, log=lambda *_: None)
     captioner = merged["captioner"]
     for key in ("cider", "clipscore", "caption_accuracy", "trainable_params", "baseline_cider", "attempts"):
         assert key in captioner, key
     assert captioner["trainable_params"] < 10_000_000
-    # the report's LoRA attempts: one knob each against the main run, its schedule, scored as 03 scores
-    main, *attempts, ablation = captioner["attempts"]
+    # the report's LoRA attempts: one knob each against the main run, the first epoch of its schedule, scored as 03
+    # scores, beside the main run's own adapter after that epoch
+    main, early, *attempts, ablation = captioner["attempts"]
     assert [a["run"] for a in attempts] == ["attempt 1", "attempt 2"] and ablation["run"] == "ablation"
+    assert (main["epochs"], early["run"], early["epochs"]) == (2, "main, epoch 1", 1)
     knobs = ("lora_r", "alpha", "dropout", "targets", "visual_norm")
     for a in attempts:
-        assert a["epochs"] == main["epochs"] == 2
+        assert a["epochs"] == early["epochs"] == 1
         changed = {k for k in knobs if a[k] != main[k]}
         assert changed in ({"lora_r", "alpha"}, {"targets"}), changed
         assert a["alpha_over_r"] == main["alpha_over_r"]
     assert ablation["epochs"] == 1 and ablation["visual_norm"] is False
+    assert (tmp_path / "p2/main/epoch-1.safetensors").is_file() and early["val_cider"] != main["val_cider"]
     assert main["val_cider"] == pytest.approx(captioner["cider"]) and main["val_clipscore"] == pytest.approx(
         captioner["clipscore"])  # 02 scores its runs with 03's code and decoding: the same adapter, the same numbers
     predictions = json.loads((tmp_path / "p2_val_predictions.json").read_text())

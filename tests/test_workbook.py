@@ -210,7 +210,9 @@ def test_a_misspelt_override_is_an_error_with_only_too(fake_root):
         cfg.override([["output_dir", "elsewhere"]])
 
 
-def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path, how):
+    """Ctrl-C, or `kill PID` (SIGTERM): the run stops, and so do its runner and its kernel."""
     import signal
     import subprocess
     import sys
@@ -233,16 +235,17 @@ def test_ctrl_c_stops_the_run_its_kernel_and_says_how_to_go_on(tmp_path):
         assert kernels, "no kernel started"
         time.sleep(3)
         t0 = time.monotonic()
-        run.send_signal(signal.SIGINT)
+        run.send_signal(getattr(signal, how))
         err = run.communicate(timeout=60)[1]
     finally:  # whatever happened, nothing of it outlives the test
         if run.poll() is None:
             for p in psutil.Process(run.pid).children(recursive=True) + [psutil.Process(run.pid)]:
                 p.kill()
             run.wait()
-    assert run.returncode == 130 and time.monotonic() - t0 < 30, (run.returncode, err)
+    status, word = {"SIGINT": (130, "interrupted"), "SIGTERM": (143, "terminated")}[how]
+    assert run.returncode == status and time.monotonic() - t0 < 30, (run.returncode, err)
     said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("hw3 run:")]
-    assert said == [f"hw3 run: interrupted: hangs stopped; its executed cells are in {tmp_path}/out/"
+    assert said == [f"hw3 run: {word}: hangs stopped; its executed cells are in {tmp_path}/out/"
                     f"hangs.interrupted.ipynb; to go on: hw3 run -f CONFIG --only hangs"], err
     assert (tmp_path / "out/hangs.interrupted.ipynb").is_file() and not (tmp_path / "out/hangs.ipynb").exists()
     time.sleep(1)

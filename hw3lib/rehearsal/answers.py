@@ -6,7 +6,7 @@ marks the random LLaVA's ``config.json`` with ``hw3_rehearsal_answer_tokens: [lo
 (and only for it: real checkpoints carry no such key), generation ends each answer after ``low`` to ``high`` new
 tokens, as a trained model's one-sentence captions do. The length is a function of the answer's first token, so it
 is seeded by the image and the instruction, the same in every run, and the same whichever decoding path (transformers'
-``generate``, the graphed greedy loop of :mod:`hw3lib.fast_greedy`, beam search) produces the answer.
+``generate``, the graphed greedy loop of :func:`hw3lib.llava.decoding.graphed_greedy`, beam search) produces the answer.
 """
 from __future__ import annotations
 

@@ -1,0 +1,182 @@
+"""Notebook 01's sweep: caption the same images once per (instruction, generation config) and score each setting.
+
+Three steps. **Plan**: one setting per pair, with the files it leaves (``<instruction>__<generation>.json``, the
+course's predictions format, and a row file beside it); a setting whose files match is reused. **Caption** what is
+left: in this process, or under ``torchrun`` over several GPUs, where this very module's :func:`main` runs in
+every process (each loads the model on its GPU and takes every N-th batch of each setting). **Score** in this
+process: CIDEr, CLIPScore, the mean length, and any extra score.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hw3lib.llava.prompt_sweep SPEC.json
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data import Record, write_json_atomic
+from .captioning import CaptionRun, caption_folder
+from .loading import LlavaLoad
+from .settings import LlavaGeneration
+
+
+@dataclass
+class Setting:
+    """One (instruction, generation config) pair of a sweep, and the files it leaves."""
+
+    instruction_name: str
+    instruction: str
+    generation_name: str
+    generation: LlavaGeneration
+    predictions: Path  # {file id: caption}
+    row_file: Path  # the scored row, with the settings that made it
+    settings: dict  # what makes a finished setting reusable: model, instruction, generation, images
+
+    def finished_row(self) -> dict | None:
+        """The scored row of an earlier run with the very same settings, else None."""
+        if self.row_file.is_file() and self.predictions.is_file():
+            row = json.loads(self.row_file.read_text())
+            if row.get("settings") == self.settings:
+                return row
+        return None
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
+
+
+def plan(records: list[Record], instructions: dict[str, str], generations: dict[str, LlavaGeneration],
+         out_dir: str | Path, load: LlavaLoad, first_sentence: bool = False) -> list[Setting]:
+    """Every (instruction, generation) pair, in order, with its files under ``out_dir``."""
+    out = []
+    for iname, instruction in instructions.items():
+        for gname, gen in generations.items():
+            stem = Path(out_dir) / f"{_slug(iname)}__{_slug(gname)}"
+            settings = {"model": load.key(), "instruction": instruction, "generation": asdict(gen),
+                        "first_sentence": first_sentence, "images": [r.file_id for r in records]}
+            out.append(Setting(iname, instruction, gname, gen, stem.with_suffix(".json"),
+                               stem.with_suffix(".row.json"), settings))
+    return out
+
+
+def sweep(model, processor, records: list[Record], instructions: dict[str, str],
+          generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
+          scorer=None, extra_scores: dict | None = None, batch_size: int = 16, num_workers: int = 0,
+          first_sentence: bool = False, load: LlavaLoad | None = None, progress: bool = True,
+          gpus: int = 1) -> list[dict]:
+    """Caption ``records`` once per (instruction, generation) pair and score each setting; returns the rows.
+
+    Rows: ``instruction``, ``generation``, ``cider``, ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is
+    given), ``mean_length`` (words), ``seconds``, ``images_per_s``, ``predictions``, and one column per
+    ``extra_scores`` entry: ``{column: function of the predictions dict -> float}`` (the demo adds
+    ``caption_accuracy`` from the shapes world's ground truth). A re-run with the same settings reuses them.
+
+    ``load``: how ``model`` was loaded (it names the model in the settings). ``gpus > 1``: every setting still to
+    do is captioned first, in one ``torchrun`` over that many GPUs whose processes each load ``load`` on their own
+    GPU; ``model`` may then be None.
+    """
+    load = load or LlavaLoad()
+    settings = plan(records, instructions, generations, out_dir, load, first_sentence)
+    todo = [s for s in settings if s.finished_row() is None]
+    if gpus > 1 and todo:
+        runs = _caption_on_gpus(todo, records, Path(out_dir), load, gpus, batch_size, num_workers, first_sentence)
+    else:
+        runs = {}
+    rows = []
+    for s in settings:
+        row = s.finished_row()
+        if row is None:
+            run = runs.get(s.predictions) or caption_folder(
+                model, processor, records, s.predictions, s.instruction, s.generation, batch_size, num_workers,
+                first_sentence, progress, load.model)
+            row = score_row(s, run, references, scorer, extra_scores,
+                            records[0].image_path.parent if records else Path(out_dir))
+            write_json_atomic(s.row_file, row)
+        rows.append(row)
+    return rows
+
+
+def score_row(s: Setting, run: CaptionRun, references: dict[str, list[str]], scorer, extra_scores: dict | None,
+              image_dir: Path) -> dict:
+    """The row of one captioned setting: its names, its scores, its speed and its files."""
+    from ..metrics import cider, clip_score
+
+    pred = run.captions
+    row = {"name": f"{s.instruction_name} / {s.generation_name}", "instruction_name": s.instruction_name,
+           "instruction": s.instruction, "generation": s.generation_name, "generation_config": asdict(s.generation),
+           "cider": cider(pred, {k: references[k] for k in pred})[0],
+           "mean_length": float(np.mean([len(c.split()) for c in pred.values()])),
+           "seconds": round(run.seconds, 2),
+           "images_per_s": round(run.computed / run.seconds, 2) if run.computed else None,
+           "predictions": str(s.predictions)}
+    if scorer is not None:
+        row["clipscore"] = clip_score(scorer, pred, image_dir)[0]
+    for column, score in (extra_scores or {}).items():
+        row[column] = score(pred)
+    row["settings"] = s.settings
+    return row
+
+
+def _caption_on_gpus(todo: list[Setting], records: list[Record], out_dir: Path, load: LlavaLoad, gpus: int,
+                     batch_size: int, num_workers: int, first_sentence: bool) -> dict[Path, CaptionRun]:
+    """Caption ``todo`` under torchrun over ``gpus`` processes, each running :func:`main`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, results_path = out_dir / "sweep_spec.json", out_dir / "sweep_results.json"
+    spec = {"load": asdict(load), "images": [str(r.image_path) for r in records], "batch_size": batch_size,
+            "num_workers": num_workers, "first_sentence": first_sentence, "results": str(results_path),
+            "settings": [{"instruction": s.instruction, "generation": asdict(s.generation),
+                          "predictions": str(s.predictions)} for s in todo]}
+    write_json_atomic(spec_path, spec)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m", __name__,
+           str(spec_path)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stdout.strip().splitlines()[-40:])
+        raise RuntimeError(f"the sweep's captioning on {gpus} GPUs failed ({' '.join(cmd)}):\n{tail}")
+    runs = {}
+    for r in json.loads(results_path.read_text()):
+        captions = json.loads(Path(r["predictions"]).read_text())
+        runs[Path(r["predictions"])] = CaptionRun(captions, r["reused"], r["computed"], r["seconds"])
+    spec_path.unlink()
+    results_path.unlink()
+    return runs
+
+
+def main(spec_path: str) -> int:
+    """One process of :func:`_caption_on_gpus`: load the model on this process's GPU, then caption every setting of
+    the spec, sharded by batches (:func:`~hw3lib.llava.captioning.caption_folder` under a launcher), resumable."""
+    from ..distributed import setup
+
+    spec = json.loads(Path(spec_path).read_text())
+    d = setup()
+    records = [Record(Path(p), Path(p).stem, ()) for p in spec["images"]]
+    load = LlavaLoad(**{**spec["load"], "device": str(d.device(None))})
+    model, processor = load.load()
+    results = []
+    for s in spec["settings"]:
+        run = caption_folder(model, processor, records, s["predictions"], s["instruction"],
+                             LlavaGeneration(**s["generation"]), spec["batch_size"], spec["num_workers"],
+                             spec["first_sentence"], progress=d.main, model_name=load.model)
+        results.append({"predictions": s["predictions"], "seconds": run.seconds, "computed": run.computed,
+                        "reused": run.reused, "processes": d.world_size})
+        if d.main:
+            write_json_atomic(spec["results"], results)
+    return 0
+
+
+def sweep_summary(rows: list[dict], model_name: str, num_images: int) -> dict:
+    """What notebook 01 records: every row's settings and scores, and the best row by CIDEr (the course's primary
+    metric), with the path of its predictions."""
+    keep = ["name", "instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore",
+            "mean_length", "caption_accuracy", "seconds", "images_per_s", "predictions"]
+    best = max(rows, key=lambda r: r["cider"])
+    return {"model": model_name, "num_images": num_images, "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
+            "best": {k: best[k] for k in keep if k in best}}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
