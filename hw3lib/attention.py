@@ -69,6 +69,11 @@ def with_query(entry: dict, query: str = "predict") -> dict:
     return {**entry, "query": query, "maps": p if query == "predict" else r if query == "read" else (p + r) / 2}
 
 
+def at_view(entries: list[dict], query: str, layer: int) -> list[dict]:
+    """The entries as a figure shows them: ``maps`` for ``query`` (:func:`with_query`) and the ``layer`` shown."""
+    return [{**with_query(e, query), "layer": layer} for e in entries]
+
+
 def words_and_maps(token_strings: list[str], maps: np.ndarray, decode) -> tuple[list[str], np.ndarray]:
     """Merge sub-word tokens into words: ``(words, maps averaged over each word's tokens)``. ``decode(indices)``
     gives a word's text from its token indices."""

@@ -176,8 +176,8 @@ def _cmd_train(args) -> int:
     from .outputs import clip_scorer
     from .train import TrainConfig, check_run_folder, train
 
-    d = setup()  # data-parallel under torchrun / accelerate launch; else one process
-    say = print if d.main else (lambda *_: None)
+    dist = setup()  # data-parallel under torchrun / accelerate launch; else one process
+    say = print if dist.main else (lambda *_: None)
     root = Path(args.data_root)
     out = check_output_dir(args.out, "--out run")
     train_recs = load_split(root / "p2_data/train.json", root / "p2_data/images/train")
@@ -198,8 +198,8 @@ def _cmd_train(args) -> int:
     if not args.no_resume:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
     model, encoder, transform = build(cfg, seed=args.seed)
-    say(f"trainable parameters: {count_check(model):,}" + (f"; {d.world_size} processes" if d.active else ""))
-    clip = clip_scorer(args.clip_model, args.clip_pretrained) if d.main else None  # the main process validates
+    say(f"trainable parameters: {count_check(model):,}" + (f"; {dist.world_size} processes" if dist.active else ""))
+    clip = clip_scorer(args.clip_model, args.clip_pretrained) if dist.main else None  # the main process validates
     try:
         result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,
                        resume=not args.no_resume, overwrite=True, log=say)
@@ -243,8 +243,8 @@ def _cmd_llava_caption(args) -> int:
         import torch
 
         torch.use_deterministic_algorithms(True)
-    d = setup()  # one process per GPU under torchrun / accelerate launch; else one process
-    device = d.device(args.device) if d.active else args.device
+    dist = setup()  # one process per GPU under torchrun / accelerate launch; else one process
+    device = dist.device(args.device) if dist.active else args.device
     load = LlavaLoad(str(args.processor or args.model) if args.random_weights else str(args.model),
                      load_in_4bit=args.load_in_4bit, fast_kernels=args.liger,
                      device=str(device) if device is not None else None, random_weights=args.random_weights)
@@ -261,8 +261,8 @@ def _cmd_llava_caption(args) -> int:
         raise KeyboardInterrupt(f"the captions of the finished batches are in {kept[0]}; the same command goes on "
                                 f"from them" if kept else f"no batch had finished; {out} was not written") from None
     rate = run.computed / run.seconds if run.seconds else 0.0
-    if d.main:
-        on = f" on {d.world_size} processes" if d.active else ""
+    if dist.main:
+        on = f" on {dist.world_size} processes" if dist.active else ""
         print(f"{len(run.captions)} captions -> {out} ({run.computed} new in {run.seconds:.1f}s{on}, "
               f"{rate:.2f} images/s; {run.reused} from an interrupted run)")
     return 0

@@ -150,8 +150,8 @@ def build_markdown(out: Path, metrics: dict) -> tuple[str, list[str]]:
                 f"the main run's best epoch, and every other run after epoch {early['epochs']} (the attempts train "
                 f"the first {early['epochs']} epochs of the main schedule: compare them with the row "
                 f"\"{early['run']}\")")
-        r.add("Each attempt changes one knob of the best setting and keeps the rest, the schedule included; "
-              f"{when} captions the whole validation split with the final decoding.", "")
+        r.add("Each attempt changes one knob of the best setting and keeps the rest, the schedule included. Each "
+              f"row's adapter captions the whole validation split with the final decoding: {when}.", "")
         rows = [[a["run"], a["changed"], a["lora_r"], a["alpha"], _f(a["alpha_over_r"], 2), a["dropout"],
                  a["targets"], "yes" if a["visual_norm"] else "no", f"{a['trainable_params']:,}", a["epochs"],
                  _f(a["val_cider"]), _f(a["val_clipscore"])] for a in attempts]

@@ -192,6 +192,15 @@ def is_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def local_folder(name: str) -> Path | None:
+    """The folder that ``name`` means when it is meant as a path (``local-dir:PATH``, as timm and open_clip write it,
+    or :func:`is_local`), whether or not it exists; None for a hub id or a library's model name. The one place
+    where the captioner's encoder, CLIP and LLaVA tell a folder from a name."""
+    if name.startswith("local-dir:"):
+        return Path(name.removeprefix("local-dir:")).expanduser()
+    return Path(name).expanduser() if is_local(name) else None
+
+
 def kind_of_name(name: str) -> str | None:
     """"timm" when the cache holds ``name`` as a timm model (``timm/NAME``), for wrong-kind messages. Importing
     timm to ask its registry would cost seconds on an error path."""

@@ -46,10 +46,8 @@ class ClipScorer:
 
         self.cfg = cfg
         name, pretrained, cache_only = cfg.model, cfg.pretrained, False
-        if Path(name).expanduser().is_dir():
-            name = f"local-dir:{Path(name).expanduser()}"
-        if name.startswith("local-dir:") or hub.is_local(name):
-            folder = Path(name.removeprefix("local-dir:")).expanduser()
+        folder = hub.local_folder(name)
+        if folder is not None:
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"{folder}: no open_clip_config.json in this CLIP folder" if folder.is_dir() else
                                 f"{folder}: CLIP folder not found")
@@ -293,3 +291,29 @@ def score_split(model, encoder, transform, records: list[Record], gen, scorer: C
     score, per_cider = cider(predictions, {r.file_id: list(r.references) for r in records})
     clip_mean, per_clip = clip_score(scorer, predictions, image_dir) if scorer is not None else (float("nan"), {})
     return SplitScores(predictions, score, clip_mean, per_cider, per_clip)
+
+
+@dataclass
+class Baseline:
+    """A caption that ignores the image: the most common training caption, written under every image."""
+
+    caption: str
+    count: int  # how often it occurs among the training captions
+    of: int  # the training captions
+    cider: float
+    clipscore: float  # NaN without a scorer
+
+
+def common_caption_baseline(train_records: list[Record], records: list[Record], scorer: ClipScorer | None,
+                            image_dir) -> Baseline:
+    """:class:`Baseline` on ``records``: what looking at the image buys is the gap to it."""
+    from collections import Counter
+
+    captions = [c for r in train_records for c in r.references]
+    if not captions:
+        raise ValueError("no training captions: the baseline needs the training split's references")
+    caption, count = Counter(captions).most_common(1)[0]
+    same = {r.file_id: caption for r in records}
+    score = cider(same, {r.file_id: list(r.references) for r in records})[0]
+    clip_mean = clip_score(scorer, same, image_dir)[0] if scorer is not None else float("nan")
+    return Baseline(caption, count, len(captions), score, clip_mean)

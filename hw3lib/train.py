@@ -135,8 +135,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     from .distributed import current
     from .metrics import cider, clip_score
 
-    d = current()
-    device = d.device(device)
+    dist = current()
+    device = dist.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
@@ -150,17 +150,18 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     val_records = val_records[: cfg.eval_images] if cfg.eval_images > 0 else val_records
     last = out_dir / "last.pt"
     check_run_folder(out_dir, model.cfg, cfg, train_records, val_records, gen, overwrite=overwrite or not resume)
-    if d.active and cfg.feature_cache == "disk" and not d.main:
-        d.barrier()  # the main process extracts (or finds) the disk cache; the others then read it
+    if dist.active and cfg.feature_cache == "disk" and not dist.main:
+        dist.barrier()  # the main process extracts (or finds) the disk cache; the others then read it
     t_features = time.time()
     train_feats = cached_features(encoder, transform, train_records, model.cfg.encoder, cfg, out_dir, device) \
         if cfg.feature_cache != "off" else None
     val_feats = cached_features(encoder, transform, val_records, model.cfg.encoder, cfg, out_dir, device) \
-        if d.main and cfg.validate else None
-    if cfg.feature_cache != "off" and d.main:
-        log(f"features of {len(train_records)} + {len(val_records)} images ready in {time.time() - t_features:.1f}s")
-    if d.active and cfg.feature_cache == "disk" and d.main:
-        d.barrier()
+        if dist.main and cfg.validate else None
+    if cfg.feature_cache != "off" and dist.main:
+        counted = f"{len(train_records)} + {len(val_records)}" if cfg.validate else f"{len(train_records)}"
+        log(f"features of {counted} images ready in {time.time() - t_features:.1f}s")
+    if dist.active and cfg.feature_cache == "disk" and dist.main:
+        dist.barrier()
 
     # the whole plan up front: each epoch's order depends on (seed, epoch) only, so a resumed run replays it
     plan = [epoch_batches(train_records, cfg.captions_per_image, cfg.batch_size, np.random.default_rng([cfg.seed, e]))
@@ -196,17 +197,17 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same whether or not the run was resumed
             model.train()
             shares, values, pending = [], [], []  # each step's share of the loss; its loss, read back in groups
-            bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, disable=not d.main)
+            bar = tqdm(plan[epoch], desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, disable=not dist.main)
             for step, batch in enumerate(bar):
                 share = 1.0
-                if d.active:  # this process's captions, and their share of the step's tokens
+                if dist.active:  # this process's captions, and their share of the step's tokens
                     counts = [len(tokens[i][j]) + 1 for i, j in batch]  # the targets: the caption and <eot>
-                    share = sum(d.shard(counts)) / sum(counts)
-                    batch = d.shard(batch)
+                    share = sum(dist.shard(counts)) / sum(counts)
+                    batch = dist.shard(batch)
                 if not batch:  # a last step smaller than the number of processes
                     opt.zero_grad(set_to_none=True)
-                    if d.active:
-                        d.all_reduce_(params_grads(params))
+                    if dist.active:
+                        dist.all_reduce_(params_grads(params))
                     _step(opt, sched, params, cfg)
                     continue
                 images = sorted({i for i, _ in batch})
@@ -222,8 +223,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                 loss = step_loss(feats, image_index, ids.to(device), targets.to(device))
                 opt.zero_grad(set_to_none=True)
                 (loss * share).backward()
-                if d.active:
-                    d.all_reduce_(params_grads(params))
+                if dist.active:
+                    dist.all_reduce_(params_grads(params))
                 _step(opt, sched, params, cfg)
                 shares.append(share)
                 pending.append(loss.detach().clone())  # a copy: a CUDA graph reuses its output's memory
@@ -236,9 +237,9 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             values += torch.stack(pending).tolist() if pending else []  # a process whose last steps were empty
             losses = [v * s for v, s in zip(values, shares)]
             loss_sum = torch.tensor([float(np.sum(losses))], dtype=torch.float64, device=device)  # NCCL: on the GPU
-            d.all_reduce_([loss_sum])
-            if not d.main:  # the main process validates and writes the checkpoints
-                d.barrier()
+            dist.all_reduce_([loss_sum])
+            if not dist.main:  # the main process validates and writes the checkpoints
+                dist.barrier()
                 continue
             row = {"epoch": epoch + 1, "loss": float(loss_sum) / len(plan[epoch]), "lr": sched.get_last_lr()[0]}
             if cfg.validate:
@@ -258,8 +259,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
             scores = "".join(f", {name} {row[key]:.3f}" for key, name in (("val_cider", "val CIDEr"),
                                                                           ("val_clipscore", "CLIPScore")) if key in row)
             log(f"epoch {epoch + 1}/{cfg.num_epochs}: loss {row['loss']:.3f}{scores} ({row['seconds']}s)")
-            d.barrier()
-    if not d.main:  # the history and the best epoch as the main process wrote them
+            dist.barrier()
+    if not dist.main:  # the history and the best epoch as the main process wrote them
         state = torch.load(last, map_location="cpu", weights_only=False)
         history, best = state["history"], tuple(state["best"])
     best_path = out_dir / "best.safetensors"
@@ -446,3 +447,10 @@ def attempt_row(name: str, changed: str, cfg, params: int, epochs: int, scores) 
     return {"run": name, "changed": changed, "LoRA r": lora.r, "alpha": lora.alpha, "alpha / r": lora.alpha / lora.r,
             "dropout": lora.dropout, "targets": ", ".join(lora.targets), "visual norm": cfg.visual_norm,
             "trainable params": params, "epochs": epochs, "val CIDEr": scores.cider, "val CLIPScore": scores.clipscore}
+
+
+def attempt_metrics(rows: list[dict]) -> list[dict]:
+    """The attempts table as ``metrics.json`` keeps it: the same rows, with names for keys (``LoRA r`` -> ``lora_r``,
+    ``alpha / r`` -> ``alpha_over_r``, ``val CIDEr`` -> ``val_cider`` ...)."""
+    keys = {"LoRA r": "lora_r", "alpha / r": "alpha_over_r", "val CIDEr": "val_cider", "val CLIPScore": "val_clipscore"}
+    return [{keys.get(k, k.replace(" ", "_")): v for k, v in row.items()} for row in rows]

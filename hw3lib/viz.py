@@ -53,8 +53,10 @@ def caption_statistics(references: dict[str, list[str]], top: int = 20) -> Figur
     return fig
 
 
-def score_histograms(groups: dict[str, np.ndarray], xlabel: str = "CLIPScore", title: str = "") -> Figure:
-    """Overlaid histograms of several score groups (e.g. own caption vs. another image's caption)."""
+def score_histograms(groups: dict[str, np.ndarray], xlabel: str = "CLIPScore", title: str = "",
+                     marks: dict[str, float] | None = None) -> Figure:
+    """Overlaid histograms of several score groups (e.g. own caption vs. another image's caption). ``marks``: a
+    dashed line at each score, labelled (``{"top-1": 2.9, "last-1": 0.4}``), the label on the side of the bulk."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     lo = min(float(np.min(v)) for v in groups.values())
     hi = max(float(np.max(v)) for v in groups.values())
@@ -62,6 +64,10 @@ def score_histograms(groups: dict[str, np.ndarray], xlabel: str = "CLIPScore", t
     for name, values in groups.items():
         ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (mean {np.mean(values):.3f})")
     ax.set(xlabel=xlabel, ylabel="images", title=title)
+    for label, x in (marks or {}).items():
+        inwards = "right" if x > (lo + hi) / 2 else "left"  # the label points into the plot
+        ax.axvline(x, color="k", ls="--", lw=1)
+        ax.text(x, ax.get_ylim()[1] * 0.9, f"{label} " if inwards == "right" else f" {label}", fontsize=8, ha=inwards)
     ax.legend()
     fig.tight_layout()
     return fig

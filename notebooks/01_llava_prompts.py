@@ -59,7 +59,8 @@ from IPython.display import Markdown, display
 from hw3lib import viz
 from hw3lib.data import hw3_split, load_image
 from hw3lib.demo.world import world_scores
-from hw3lib.llava import LlavaGeneration, LlavaLoad, build_prompt, image_token_span, sweep, sweep_summary
+from hw3lib.llava import (LlavaGeneration, LlavaLoad, build_prompt, image_token_span, sweep, sweep_findings,
+                          sweep_summary)
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
@@ -190,15 +191,7 @@ summary = {**sweep_summary(rows, P.llava_model, len(records)), "first_sentence":
 best = summary["best"]
 shutil.copyfile(best["predictions"], out / "p1_predictions.json")
 save_metrics(out, "llava", summary)
-by_cider = sorted(rows, key=lambda r: r["cider"])
-by_clip = sorted(rows, key=lambda r: r.get("clipscore", 0))
-longest = max(rows, key=lambda r: r["mean_length"])
-display(Markdown(
-    f"**This run.** CIDEr runs from {by_cider[0]['cider']:.3f} (*{by_cider[0]['name']}*) to "
-    f"{by_cider[-1]['cider']:.3f} (*{by_cider[-1]['name']}*); CLIPScore from {by_clip[0].get('clipscore', 0):.3f} "
-    f"(*{by_clip[0]['name']}*) to {by_clip[-1].get('clipscore', 0):.3f} (*{by_clip[-1]['name']}*). The longest "
-    f"captions (*{longest['name']}*, {longest['mean_length']:.1f} words on average) score CIDEr "
-    f"{longest['cider']:.3f}. Best by CIDEr: *{best['instruction']}* with {best['generation']}."))
+display(Markdown(sweep_findings(rows)))
 
 # %% [markdown]
 # **Reading the table.** CIDEr rewards the n-grams that the references use, weighted by how rare they are, and its

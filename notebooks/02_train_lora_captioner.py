@@ -57,7 +57,8 @@ from hw3lib.decoder import LoraConfig
 from hw3lib.metrics import score_split
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
-from hw3lib.train import TrainConfig, attempt_configs, attempt_row, attempt_schedule, row_adapter, train
+from hw3lib.train import (TrainConfig, attempt_configs, attempt_metrics, attempt_row, attempt_schedule, row_adapter,
+                          train)
 
 # %%
 P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
@@ -214,6 +215,7 @@ runs = attempt_configs(cfg, P.attempt_lora_r, LoraConfig.parse_targets(P.attempt
 for name, (changed, a_cfg) in runs.items():
     a_model, _, _ = build(a_cfg, with_encoder=False, encoder_dim=encoder_model.num_features, seed=P.seed)
     folder = out / f"p2/{name.replace(' ', '')}"
+    print(f"{name}: {changed}, epochs 1-{at or P.num_epochs} of the schedule -> {relative(folder)}")
     a_result = train(a_model, encoder_model, transform, train_records, val_records, attempt_cfg, folder, gen,
                      clip=clip, overwrite=P.overwrite)
     a_scores = score_split(load_adapter(row_adapter(a_result, at, folder), with_encoder=False)[0], encoder_model,
@@ -225,8 +227,9 @@ print(f"val CIDEr and CLIPScore: all {len(val_records)} val images, "
       + ("each run's best epoch" if at is None else f"main: its best epoch, the other rows: after epoch {at}"))
 
 # %% [markdown]
-# Which knob costs more CIDEr: a quarter of the rank, or fewer adapted layers? Does the trainable-parameter count
-# predict it? Is the difference larger than the epoch-to-epoch noise you see in the training curves?
+# Which knob costs more CIDEr: a quarter of the rank, or fewer adapted layers (against the main run at the same
+# epoch)? Does the trainable-parameter count predict it? Is the difference larger than the epoch-to-epoch noise you
+# see in the training curves?
 #
 # ## Sample captions next to the references
 
@@ -273,11 +276,9 @@ display(Markdown(f"LoRA: {n_layer} blocks x [{parts}] = **{lora:,}**; the projec
                  "the course's 10 M limit."))
 
 # %%
-keys = {"LoRA r": "lora_r", "alpha / r": "alpha_over_r", "val CIDEr": "val_cider", "val CLIPScore": "val_clipscore"}
-attempts = [{keys.get(k, k.replace(" ", "_")): v for k, v in row.items()} for row in rows]
 save_metrics(out, "captioner_training", {
     "trainable_params": n_trainable, "best_epoch": result.best_epoch, "adapter": relative(result.best_path),
-    "history": result.history, "seconds": round(result.seconds, 1), "attempts": attempts,
+    "history": result.history, "seconds": round(result.seconds, 1), "attempts": attempt_metrics(rows),
     "config": {"encoder": P.encoder, "pool": P.pool, "visual_norm": P.visual_norm, "lora_r": P.lora_r,
                "lora_alpha": P.lora_alpha, "lora_dropout": cfg.lora.dropout, "lora_targets": P.lora_targets,
                "num_epochs": P.num_epochs, "batch_size": P.batch_size, "lr": P.lr,

@@ -23,7 +23,6 @@ num_show: int = 8  # example captions shown
 output_dir: str = "outputs/demo"  # set by `hw3 run`
 
 # %%
-from collections import Counter
 from dataclasses import asdict
 
 import matplotlib.pyplot as plt
@@ -34,7 +33,7 @@ from hw3lib import viz
 from hw3lib.captioner import GenerationConfig, load_adapter
 from hw3lib.data import hw3_split, relative, write_json_atomic
 from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
-from hw3lib.metrics import cider, clip_score, score_split
+from hw3lib.metrics import common_caption_baseline, score_split
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
@@ -71,24 +70,21 @@ print(f"{len(predictions)} captions -> {relative(out / 'p2_val_predictions.json'
 
 # %%
 references = {r.file_id: list(r.references) for r in val}
-train_refs = [c for r in hw3_split(root, "p2_data", "train") for c in r.references]
-common, count = Counter(train_refs).most_common(1)[0]
-baseline, _ = cider({k: common for k in references}, references)
-base_clip, _ = clip_score(scorer, {k: common for k in references}, root / "p2_data/images/val")
+base = common_caption_baseline(hw3_split(root, "p2_data", "train"), val, scorer, root / "p2_data/images/val")
 write_json_atomic(out / "p2_val_per_image.json", {k: {"caption": predictions[k], "clipscore": per_clip[k],
                                                       "cider": per_cider[k]} for k in predictions})
 display(Markdown(viz.markdown_table([
     {"captions": "the adapter", "CIDEr": score, "CLIPScore": clip_mean},
-    {"captions": f"baseline: '{common}' for every image", "CIDEr": baseline, "CLIPScore": base_clip}])))
+    {"captions": f"baseline: '{base.caption}' for every image", "CIDEr": base.cider, "CLIPScore": base.clipscore}])))
 
 # %%
 display(Markdown(
-    f"**Reading it.** The baseline caption, *{common}*, is the most common of the {len(train_refs)} training "
-    f"captions ({count} times). Written under every image, it scores CIDEr {baseline:.3f} and CLIPScore "
-    f"{base_clip:.3f}; the adapter's captions score {score:.3f} and {clip_mean:.3f}. CIDEr weights each n-gram "
+    f"**Reading it.** The baseline caption, *{base.caption}*, is the most common of the {base.of} training "
+    f"captions ({base.count} times). Written under every image, it scores CIDEr {base.cider:.3f} and CLIPScore "
+    f"{base.clipscore:.3f}; the adapter's captions score {score:.3f} and {clip_mean:.3f}. CIDEr weights each n-gram "
     "by how rare it is across the references (TF-IDF), so a caption that is right for every image earns little "
-    f"of it: the gap ({score - baseline:+.3f}) is what looking at the image buys. CLIPScore has no references and "
-    f"no such weighting: the same gap there is {clip_mean - base_clip:+.3f}."))
+    f"of it: the gap ({score - base.cider:+.3f}) is what looking at the image buys. CLIPScore has no references and "
+    f"no such weighting: the same gap there is {clip_mean - base.clipscore:+.3f}."))
 
 # %% [markdown]
 # ## Open the box: CIDEr-D of one caption, by hand
@@ -189,8 +185,8 @@ display(Markdown(
 
 # %%
 objects = ground_truth(root / "p2_data")  # None on the course's data
-summary = {"cider": score, "clipscore": clip_mean, "baseline_cider": baseline, "baseline_clipscore": base_clip,
-           "baseline_caption": common, "trainable_params": model.trainable_parameters(), "per_image_cider_zero":
+summary = {"cider": score, "clipscore": clip_mean, "baseline_cider": base.cider, "baseline_clipscore": base.clipscore,
+           "baseline_caption": base.caption, "trainable_params": model.trainable_parameters(), "per_image_cider_zero":
            float((c == 0).mean()), "cider_clipscore_correlation": corr}
 summary.update({name: f(predictions) for name, f in world_scores(root / "p2_data").items()})
 if objects:
@@ -269,7 +265,7 @@ from hw3lib.exercises import check
 
 my_caption = ""  # your caption
 
-check("beat_the_baseline", my_caption, references=references, baseline=baseline)
+check("beat_the_baseline", my_caption, references=references, baseline=base.cider)
 
 # %% [markdown]
 # **Write it yourself: CIDEr-D's length penalty.** Write `length_penalty(candidate_length, reference_length,

@@ -36,8 +36,8 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.attention import (QUERIES, aggregate, captioner_entries, check_query, choose_view, llava_entries,
-                              scored_settings, with_query)
+from hw3lib.attention import (QUERIES, aggregate, at_view, captioner_entries, check_query, choose_view, llava_entries,
+                              scored_settings)
 from hw3lib.captioner import caption_images, load_adapter
 from hw3lib.data import hw3_split, list_images, relative
 from hw3lib.demo.world import ground_truth
@@ -117,8 +117,8 @@ p3_entries = {"captioner": captioner_entries(captioner, encoder, transform, p3,
                                      captions=[p3_captions["llava"][r.file_id] for r in p3])}
 for name, entries in p3_entries.items():
     query, layer = choose_view(P.attention_layer, P.attention_query, len(entries[0]["layers"]), summary.get(name))
-    for i, e in enumerate(entries):
-        entries[i] = e = {**with_query(e, query), "layer": layer}
+    p3_entries[name] = entries = at_view(entries, query, layer)
+    for e in entries:
         maps = aggregate(e["maps"], layer, P.attention_heads)
         note = f"{name}: layer {layer} of {len(e['layers'])}, {query} query, heads {P.attention_heads}; " \
                f"{maps.shape[1]} x {maps.shape[2]} grid"

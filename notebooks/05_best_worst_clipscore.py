@@ -40,10 +40,8 @@ val = {r.file_id: r for r in hw3_split(root, "p2_data")}
 scores = np.array([v["clipscore"] for v in per_image.values()])
 ranked = sorted(per_image, key=lambda k: per_image[k]["clipscore"])
 top, bottom = ranked[-1], ranked[0]
-fig = viz.score_histograms({"captioner on p2 val": scores}, title="CLIPScore of each validation caption")
-for key, label, side in ((top, "top-1 ", "right"), (bottom, " last-1", "left")):  # the labels point inwards
-    fig.axes[0].axvline(per_image[key]["clipscore"], color="k", ls="--", lw=1)
-    fig.axes[0].text(per_image[key]["clipscore"], fig.axes[0].get_ylim()[1] * 0.9, label, fontsize=8, ha=side)
+fig = viz.score_histograms({"captioner on p2 val": scores}, title="CLIPScore of each validation caption",
+                           marks={"top-1": per_image[top]["clipscore"], "last-1": per_image[bottom]["clipscore"]})
 fig.savefig(out / "figures/05_clipscore_histogram.png", dpi=110)
 plt.show()
 print(f"{len(per_image)} captions; CLIPScore mean {scores.mean():.3f}, standard deviation {scores.std():.3f}, "

@@ -202,3 +202,14 @@ def test_aggregate_names_a_bad_head():
         aggregate(maps, 1, "sideways")
     with pytest.raises(ValueError, match="has 4 heads"):
         aggregate(maps, 1, 9)
+
+
+def test_at_view_gives_every_entry_the_query_and_layer_shown():
+    from hw3lib.attention import at_view
+
+    predict, read = np.zeros((2, 1, 1, 2, 2)), np.ones((2, 1, 1, 2, 2))
+    entries = [{"file_id": str(i), "predict_maps": predict, "read_maps": read} for i in range(3)]
+    shown = at_view(entries, "both", 0)
+    assert [(e["file_id"], e["query"], e["layer"]) for e in shown] == [(str(i), "both", 0) for i in range(3)]
+    assert all(np.array_equal(e["maps"], (predict + read) / 2) for e in shown)
+    assert "maps" not in entries[0]  # the entries themselves are left as they were

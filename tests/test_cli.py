@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hw3lib.cli import main
 
 
@@ -27,10 +29,20 @@ def test_evaluate_wrong_keys_is_a_clear_error(world, models_dir, tmp_path, capsy
     assert "pred.json: keys differ" in err and "missing" in err and "extra (e.g. ['000000000001'])" in err
 
 
-def test_module_entry_point():
+def test_module_entry_point_lists_every_command_and_each_has_its_help(capsys):
+    from hw3lib.cli import build_parser
+
     out = subprocess.run([sys.executable, "-m", "hw3lib", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "demo-data", "evaluate", "download"):
-        assert command in out
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = list(sub.choices)
+    assert len(commands) >= 10 and {"run", "report", "train", "caption", "llava-caption", "lab"} <= set(commands)
+    listed = out[out.index("{"):].split("}")[0].strip("{").split(",")
+    assert listed == commands  # the usage line names every command, in the parser's order
+    for command in commands:  # and each has its own --help, with a usage line naming it and its options
+        with pytest.raises(SystemExit) as done:
+            build_parser(command).parse_args([command, "--help"])
+        usage = capsys.readouterr().out
+        assert done.value.code == 0 and usage.startswith(f"usage: hw3 {command}") and "options:" in usage, usage[:300]
 
 
 def test_download_offline_says_so(monkeypatch, capsys):

@@ -29,7 +29,7 @@ SECTIONS = ["## Problem 1", "### 1. LLaVA's components", "### 2. Instructions an
 
 @pytest.fixture(scope="module")
 def hw3_run(world, hf_home, tmp_path_factory):
-    """01-05 of a hw3-shaped config on COCO-like data (the demo's stand-in models; LLaVA by its real id)."""
+    """00-05 of a hw3-shaped config on COCO-like data (the demo's stand-in models; LLaVA by its real id)."""
     from hw3lib.rehearsal.coco import CocoLikeSizes, write_hw3_data
 
     root = write_hw3_data(tmp_path_factory.mktemp("data") / "hw3_data", CocoLikeSizes(p1_val=6, p2_train=24,
@@ -50,8 +50,7 @@ def hw3_run(world, hf_home, tmp_path_factory):
     os.environ.update(env)
     os.environ.pop("HF_HUB_CACHE", None)
     try:
-        notebooks = [n for n in cfg.notebooks if n != "00_shapes_world"]
-        merged = wb.run(cfg, only=notebooks, log=lambda *_: None)
+        merged = wb.run(cfg, log=lambda *_: None)  # 00 too: its open-the-box cell on the hw3 shape
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -102,9 +102,9 @@ def test_beam_search_with_one_prefill_per_image_equals_transformers_beam_search(
 @pytest.mark.parametrize("settings", [dict(max_new_tokens=12), dict(max_new_tokens=40),
                                       dict(max_new_tokens=20, min_new_tokens=16), dict(max_new_tokens=30, padded=True)])
 def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records, settings):
-    """cache="static+graphs" (hw3lib.llava.decoding.graphed_greedy): on the CPU its steps run without a graph, token for token what
-    model.generate gives: short and long limits (rows ending early: padding after the end, the output cut where the
-    last row ended), end-of-sequence blocked by min_new_tokens, left-padded prompts."""
+    """cache="static+graphs" (hw3lib.llava.decoding.graphed_greedy): on the CPU its steps run without a graph, token
+    for token what model.generate gives: short and long limits (rows ending early: padding after the end, the output
+    cut where the last row ended), end-of-sequence blocked by min_new_tokens, left-padded prompts."""
     from hw3lib.llava.decoding import generate, graphs_supported
 
     model, processor = llava
@@ -126,8 +126,8 @@ def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records,
 
 
 def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
-    """hw3lib.llava.decoding's prompt-once layer against a brute-force per-beam cache: the same keys for every beam after writes and
-    reorders, while the prompt is stored once per image."""
+    """hw3lib.llava.decoding's prompt-once layer against a brute-force per-beam cache: the same keys for every beam
+    after writes and reorders, while the prompt is stored once per image."""
     from transformers import DynamicCache
 
     from hw3lib.llava.decoding import attach_prompt_once
@@ -312,8 +312,8 @@ def test_standin_vision_tower_is_the_demo_vit(models_dir, p1_records):
 
 
 def test_fast_kernels_serve_prompts_and_leave_single_tokens_to_pytorch():
-    """hw3lib.llava.loading._prompt_only: the forward Liger binds to a module runs on prompts (several tokens); one-token
-    decoding steps get the module's own forward."""
+    """hw3lib.llava.loading._prompt_only: the forward Liger binds to a module runs on prompts (several tokens);
+    one-token decoding steps get the module's own forward."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from hw3lib.llava.loading import _prompt_only
@@ -361,3 +361,14 @@ def test_ctrl_c_keeps_the_finished_batches_and_says_so(models_dir, world, tmp_pa
     assert said == [f"hw3 llava-caption: interrupted: the captions of the finished batches are in {partial}; the "
                     f"same command goes on from them"], err[-2000:]
     assert "Traceback" not in err and not out.exists() and not run["left"]()
+
+
+def test_sweep_findings_quote_the_rows_at_either_end():
+    from hw3lib.llava import sweep_findings, sweep_summary
+
+    rows = [{"name": n, "instruction": f"say {n}", "generation": "greedy", "cider": c, "clipscore": s,
+             "mean_length": m} for n, c, s, m in (("a", 0.5, 2.0, 9.0), ("b", 1.25, 1.5, 30.0), ("c", 0.75, 2.5, 12.0))]
+    text = sweep_findings(rows)
+    assert "CIDEr runs from 0.500 (*a*) to 1.250 (*b*)" in text and "CLIPScore from 1.500 (*b*) to 2.500 (*c*)" in text
+    assert "(*b*, 30.0 words on average) score CIDEr 1.250" in text
+    assert f"Best by CIDEr: *{sweep_summary(rows, 'm', 3)['best']['instruction']}* with greedy." in text

@@ -117,9 +117,13 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
 
 
 def test_clipscore_truncates_long_captions(val, clip_scorer):
-    long = " ".join(["a red circle"] * 100)
-    scores = clip_scorer.score_pairs(val[:2], [long, long])
-    assert scores.shape == (2,) and np.isfinite(scores).all()
+    """CLIP reads 77 tokens: what a caption says after them changes nothing (and raises nothing); before, it does."""
+    long = " ".join(["a red circle"] * 40)  # 120 words, past 77 tokens
+    same = [val[0], val[0]]
+    scores = clip_scorer.score_pairs(same, [long, long + " and a blue square on a green background"])
+    assert np.isfinite(scores).all() and scores[0] == scores[1]
+    short = clip_scorer.score_pairs(same, ["a red circle", "a red circle and a blue square"])
+    assert short[0] != short[1]
 
 
 def test_evaluate_end_to_end(world, val, clip_scorer, tmp_path):
@@ -156,3 +160,20 @@ def test_a_caption_ends_at_end_of_text_as_in_the_courses_clip(clip_scorer):
     assert torch.allclose(cut, plain, atol=1e-6) and torch.allclose(upper, plain, atol=1e-6)
     spelt = clip_scorer.model.encode_text(clip_scorer.tokenizer(["a red circle <|endoftext|> and a blue square"]))
     assert not torch.allclose(torch.nn.functional.normalize(spelt.float(), dim=-1)[0], plain, atol=1e-3)
+
+
+def test_the_common_caption_baseline_is_the_most_frequent_training_caption_under_every_image(world, val, clip_scorer):
+    from hw3lib.data import hw3_split
+
+    train = hw3_split(world, "p2_data", "train")
+    captions = [c for r in train for c in r.references]
+    counts = {c: captions.count(c) for c in set(captions)}
+    top = max(counts.values())
+    base = metrics.common_caption_baseline(train, val, clip_scorer, world / "p2_data/images/val")
+    assert counts[base.caption] == top == base.count and base.of == len(captions)
+    same = {r.file_id: base.caption for r in val}
+    assert base.cider == cider(same, {r.file_id: list(r.references) for r in val})[0]
+    assert base.clipscore == pytest.approx(clip_score(clip_scorer, same, world / "p2_data/images/val")[0])
+    assert np.isnan(metrics.common_caption_baseline(train, val, None, world).clipscore)
+    with pytest.raises(ValueError, match="no training captions"):
+        metrics.common_caption_baseline([], val, None, world)

@@ -145,20 +145,21 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
     from ..distributed import current
 
     t0 = time.time()
-    d = current()
+    dist = current()
     records = list_images(images) if isinstance(images, (str, Path)) else list(images)
     out_json = Path(out_json)
     settings = {"model": model_key(model_name), "instruction": instruction, "generation": asdict(generation),
                 "first_sentence": first_sentence}
     done = None
-    if d.main:  # only the main process reads (and, for other settings, deletes) what an interrupted run left
+    if dist.main:  # only the main process reads (and, for other settings, deletes) what an interrupted run left
         done = {}
         for path in partial_files(out_json):
             done.update(_read_partial(path, settings))
         done = {k: v for k, v in done.items() if k in {r.file_id for r in records}}
-    done = d.broadcast(done)
-    todo = d.shard_batches([r for r in records if r.file_id not in done], batch_size)
-    partial = out_json.with_name(out_json.name + (f".partial.rank{d.rank}.jsonl" if d.active else ".partial.jsonl"))
+    done = dist.broadcast(done)
+    todo = dist.shard_batches([r for r in records if r.file_id not in done], batch_size)
+    suffix = f".partial.rank{dist.rank}.jsonl" if dist.active else ".partial.jsonl"
+    partial = out_json.with_name(out_json.name + suffix)
     partial.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"settings": settings}) + "\n"
     with open(partial, "a", encoding="utf-8") as f:
@@ -175,21 +176,21 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
 
         try:
             new = caption_records(model, processor, todo, instruction, generation, batch_size, num_workers,
-                                  first_sentence, progress and d.main, on_batch=write)
+                                  first_sentence, progress and dist.main, on_batch=write)
         except BaseException:
             if f.tell() == len(header.encode()):
                 f.close()
                 partial.unlink()  # this process captioned nothing: nothing to resume from
             raise  # otherwise the captions so far stay, and a restart with the same settings skips them
-    for shard in d.gather(new):
+    for shard in dist.gather(new):
         new.update(shard)
     captions = {r.file_id: done[r.file_id] if r.file_id in done else new[r.file_id] for r in records}
-    d.barrier()  # every process has closed its partial file
-    if d.main:
+    dist.barrier()  # every process has closed its partial file
+    if dist.main:
         write_json_atomic(out_json, captions)
         for path in partial_files(out_json):
             path.unlink()
-    d.barrier()
+    dist.barrier()
     return CaptionRun(captions, reused=len(done), computed=len(new), seconds=time.time() - t0, settings=settings)
 
 

@@ -57,8 +57,8 @@ def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
     prompt but its last token fills a KV cache, handed to ``generate``, which computes the last prompt token and
     the beams as it always does. So the captions are transformers' own beam search (the tests compare them) at a
     third of the prefill for 3 beams. With ``prompt_once`` (the default) the prompt's keys and values then stay
-    once per image (:func:`attach_prompt_once`): a step copies and reorders only the generated positions. Without it, the
-    cache is repeated for the beams, and every step grows and reorders the whole of it."""
+    once per image (:func:`attach_prompt_once`): a step copies and reorders only the generated positions. Without
+    it, the cache is repeated for the beams, and every step grows and reorders the whole of it."""
     from ..rehearsal.answers import logits_processors
 
     kw = {**generation.generate_kwargs(), **logits_processors(model, enc["input_ids"].shape[1])}

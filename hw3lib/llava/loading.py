@@ -88,8 +88,8 @@ def _resolve(name: str, weights: bool = True, what: str = "LLaVA") -> tuple[str,
     line."""
     from .. import hub
 
-    if hub.is_local(name):
-        path = Path(name).expanduser()
+    path = hub.local_folder(name)
+    if path is not None:
         _check_model_dir(path, what)
         _check_llava_config(path / "config.json", name)
         return str(path), False

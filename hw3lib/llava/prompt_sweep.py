@@ -152,18 +152,18 @@ def main(spec_path: str) -> int:
     from ..distributed import setup
 
     spec = json.loads(Path(spec_path).read_text())
-    d = setup()
+    dist = setup()
     records = [Record(Path(p), Path(p).stem, ()) for p in spec["images"]]
-    load = LlavaLoad(**{**spec["load"], "device": str(d.device(None))})
+    load = LlavaLoad(**{**spec["load"], "device": str(dist.device(None))})
     model, processor = load.load()
     results = []
     for s in spec["settings"]:
         run = caption_folder(model, processor, records, s["predictions"], s["instruction"],
                              LlavaGeneration(**s["generation"]), spec["batch_size"], spec["num_workers"],
-                             spec["first_sentence"], progress=d.main, model_name=load.model)
+                             spec["first_sentence"], progress=dist.main, model_name=load.model)
         results.append({"predictions": s["predictions"], "seconds": run.seconds, "computed": run.computed,
-                        "reused": run.reused, "processes": d.world_size})
-        if d.main:
+                        "reused": run.reused, "processes": dist.world_size})
+        if dist.main:
             write_json_atomic(spec["results"], results)
     return 0
 
@@ -177,6 +177,21 @@ def sweep_summary(rows: list[dict], model_name: str, num_images: int) -> dict:
     return {"model": model_name, "num_images": num_images, "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
             "best": {k: best[k] for k in keep if k in best}}
 
+
+
+def sweep_findings(rows: list[dict]) -> str:
+    """What a sweep found, in sentences with its numbers (notebook 01's "This run"): the range of CIDEr and of
+    CLIPScore with the settings at either end, the longest captions' CIDEr, and the best setting by CIDEr."""
+    by_cider = sorted(rows, key=lambda r: r["cider"])
+    by_clip = sorted(rows, key=lambda r: r.get("clipscore", 0))
+    longest = max(rows, key=lambda r: r["mean_length"])
+    best = max(rows, key=lambda r: r["cider"])  # as sweep_summary chooses it
+    return (f"**This run.** CIDEr runs from {by_cider[0]['cider']:.3f} (*{by_cider[0]['name']}*) to "
+            f"{by_cider[-1]['cider']:.3f} (*{by_cider[-1]['name']}*); CLIPScore from "
+            f"{by_clip[0].get('clipscore', 0):.3f} (*{by_clip[0]['name']}*) to {by_clip[-1].get('clipscore', 0):.3f} "
+            f"(*{by_clip[-1]['name']}*). The longest captions (*{longest['name']}*, {longest['mean_length']:.1f} words "
+            f"on average) score CIDEr {longest['cider']:.3f}. Best by CIDEr: *{best['instruction']}* with "
+            f"{best['generation']}.")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
