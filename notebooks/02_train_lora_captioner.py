@@ -29,7 +29,7 @@ max_train_images: int = 0  # use only the first N training images (0: all; small
 eval_images: int = 32  # val images captioned (greedy) after each epoch for the curves
 attempt_lora_r: int = 4  # LoRA attempt 1 for the report: this rank (alpha scaled with it), all else as the main run
 attempt_lora_targets: str = "c_attn"  # LoRA attempt 2: these layers, all else as the main run
-attempt_epochs: int = 2  # the attempts and the LayerNorm ablation train this many epochs of the main schedule (0: none)
+attempt_epochs: int = 1  # the attempts and the LayerNorm ablation train this many epochs of the main schedule (0: none)
 num_beams: int = 3  # decoding of the whole-val scores, as notebook 03's (1: greedy) ...
 max_new_tokens: int = 30  # ...
 length_penalty: float = 1.0  # ...
@@ -192,7 +192,7 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 # CLIPScore, the way notebook 03 scores the main run.
 #
 # The three runs train the first `attempt_epochs` epochs of the main schedule. When that is all of it, every row
-# scores its run's best epoch. When it is fewer (the demo trains them for 2 of its 6 epochs, to stay within a few
+# scores its run's best epoch. When it is fewer (the demo trains them for 1 of its 6 epochs, to stay within a few
 # minutes on a CPU), the runs stop early on the same learning-rate curve, and the row "main, epoch K" scores the main
 # run's own adapter after that same epoch: compare the attempts with that row, not with the finished run.
 
