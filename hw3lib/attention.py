@@ -241,14 +241,11 @@ class ScoredSettings:
 
 
 def scored_settings(output_dir) -> ScoredSettings:
-    from pathlib import Path
-
     from .captioner import GenerationConfig
     from .llava import DEFAULT_INSTRUCTION, LlavaGeneration
-    from .outputs import Run
+    from .outputs import read_metrics
 
-    run = Run(Path("."), Path(output_dir))
-    captioner, info = run.metrics("captioner"), run.metrics("llava")
+    captioner, info = read_metrics(output_dir, "captioner"), read_metrics(output_dir, "llava")
     if captioner:
         gen = GenerationConfig(**captioner["generation"])
         extras = "".join(f", {k} {v}" for k, v in (("length penalty", gen.length_penalty),

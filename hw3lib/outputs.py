@@ -26,6 +26,12 @@ ADAPTER = Path("p2/main/best.safetensors")  # notebook 02's main run: its best e
 PER_IMAGE = Path("p2_val_per_image.json")  # notebook 03: {file id: {caption, clipscore, cider}}
 
 
+def read_metrics(output_dir: str | Path, section: str) -> dict | None:
+    """What a notebook's :func:`hw3lib.report.save_metrics` wrote as ``section``, or None where it has not run."""
+    path = Path(output_dir) / "metrics" / f"{section}.json"
+    return read_json(path) if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class Run:
     """The folders of one run: ``data_root`` (hw3_data) and ``output_dir``."""
@@ -47,9 +53,7 @@ class Run:
         return Path(given) if given else self.output_dir / ADAPTER
 
     def metrics(self, section: str) -> dict | None:
-        """What notebook ``section``'s :func:`hw3lib.report.save_metrics` wrote, or None where it has not run."""
-        path = self.output_dir / "metrics" / f"{section}.json"
-        return read_json(path) if path.is_file() else None
+        return read_metrics(self.output_dir, section)
 
     def per_image(self) -> dict:
         """Notebook 03's caption and scores of every val image; an error naming 03 where it has not run."""

@@ -213,3 +213,18 @@ def test_at_view_gives_every_entry_the_query_and_layer_shown():
     assert [(e["file_id"], e["query"], e["layer"]) for e in shown] == [(str(i), "both", 0) for i in range(3)]
     assert all(np.array_equal(e["maps"], (predict + read) / 2) for e in shown)
     assert "maps" not in entries[0]  # the entries themselves are left as they were
+
+
+def test_scored_settings_read_what_03_and_01_recorded_and_say_when_they_have_not_run(tmp_path):
+    from hw3lib.attention import scored_settings
+    from hw3lib.report import save_metrics
+
+    none = scored_settings(tmp_path)
+    assert "notebook 03 has not run" in none.captioner_label and "notebook 01 has not run" in none.llava_label
+    save_metrics(tmp_path, "captioner", {"generation": {"num_beams": 3, "max_new_tokens": 12}})
+    save_metrics(tmp_path, "llava", {"best": {"instruction": "Say it.", "generation_config": {"num_beams": 2}},
+                                     "first_sentence": True})
+    got = scored_settings(tmp_path)
+    assert (got.captioner.num_beams, got.captioner.max_new_tokens, got.llava.num_beams) == (3, 12, 2)
+    assert (got.llava_instruction, got.llava_first_sentence) == ("Say it.", True)
+    assert got.captioner_label.startswith("beam 3") and "notebook 01's best setting" in got.llava_label
