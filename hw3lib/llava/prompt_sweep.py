@@ -81,14 +81,15 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
     """
     load = load or LlavaLoad()
     settings = plan(records, instructions, generations, out_dir, load, first_sentence)
-    todo = [s for s in settings if s.finished_row() is None]
+    finished = {s.predictions: s.finished_row() for s in settings}  # read once
+    todo = [s for s in settings if finished[s.predictions] is None]
     if gpus > 1 and todo:
         runs = _caption_on_gpus(todo, records, Path(out_dir), load, gpus, batch_size, num_workers, first_sentence)
     else:
         runs = {}
     rows = []
     for s in settings:
-        row = s.finished_row()
+        row = finished[s.predictions]
         if row is None:
             run = runs.get(s.predictions) or caption_folder(
                 model, processor, records, s.predictions, s.instruction, s.generation, batch_size, num_workers,
