@@ -16,7 +16,7 @@ ALLOWED = (str, int, float, bool, dict, list)
 # the smallest value a number parameter may take, wherever a notebook declares it (0 where 0 means "all" or "off")
 AT_LEAST = {name: 1 for name in ("num_show", "llava_num_show", "llava_batch_size", "llava_gpus", "pool", "lora_r",
                                  "lora_alpha", "attempt_lora_r", "num_epochs", "max_new_tokens", "batch_size",
-                                 "eval_images", "num_beams")}
+                                 "eval_images", "num_beams", "score_batch_size")}
 AT_LEAST.update({name: 0 for name in ("seed", "llava_num_images", "llava_num_workers", "captions_per_image",
                                       "max_train_images", "no_repeat_ngram_size", "pointing_images",
                                       "attempt_epochs")})

@@ -152,7 +152,9 @@ def _kernel_failure(name: str, source: Path, target: Path, watchdog: "CellWatchd
         how = f" (killed by {sig}{': out of host memory?' if sig == 'SIGKILL' else ''})"
     elif status is not None:
         how = f" (exit status {status})"
-    return f"{name}.ipynb: its kernel died{how}{cell}{where}; the executed notebook is {target}"
+    log = kernel_log(stacks)
+    said = f"; its own output: {log}" if log.is_file() and log.stat().st_size else ""
+    return f"{name}.ipynb: its kernel died{how}{cell}{where}{said}; the executed notebook is {target}"
 
 
 def notebook_path(name: str, folder: Path | None = None) -> Path:
@@ -351,6 +353,7 @@ def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell
     logging.getLogger("papermill").setLevel(logging.CRITICAL)
     stacks = target.with_suffix(".stacks.txt")  # the kernel's Python stacks, kept only when it hung or died
     stacks.unlink(missing_ok=True)
+    kernel_log(stacks).unlink(missing_ok=True)  # and its own output, kept only when the notebook failed
     manager = _local_kernel_manager(stacks)
     watchdog = CellWatchdog(cell_timeout, lambda: manager.started[-1].process if manager.started else None, stacks)
     # papermill records both paths in the executed notebook: relative to the workbook, no one's home folder in it
@@ -375,13 +378,15 @@ def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell
     except (CellTimeoutError, DeadKernelError):  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
         raise WorkbookError(_kernel_failure(name, source, target, watchdog, stacks, cell_timeout)) from None
     stacks.unlink(missing_ok=True)
+    kernel_log(stacks).unlink(missing_ok=True)
 
 
 _OOM_ADVICE = {  # what to lower in each notebook, on a card too small for its config
     "01_llava_prompts": "lower llava_batch_size (-p llava_batch_size 4), or take the config for a smaller card "
                         "(configs/hw3-24gb.yaml, configs/hw3-12gb.yaml: LLaVA in 4-bit)",
-    "02_train_lora_captioner": "run it again with fewer captions per step (--only 02_train_lora_captioner -p "
-                               "batch_size 32), or pool the visual tokens (-p pool 2)",
+    "02_train_lora_captioner": "in training, run it again with fewer captions per step (--only "
+                               "02_train_lora_captioner -p batch_size 32) or pool the visual tokens (-p pool 2); in "
+                               "the val scores, with fewer images per call (-p score_batch_size 16)",
     "03_evaluate": "run it again with fewer images per call (--only 03_evaluate -p batch_size 16)",
     "04_attention_maps": "load LLaVA in 4-bit (-p llava_load_in_4bit true; configs/hw3-12gb.yaml)",
 }
@@ -399,6 +404,11 @@ def _child_main(spec_file: str) -> int:
         Path(spec["error_file"]).write_text(" ".join(text.split()))
         return 1
     return 0
+
+
+def kernel_log(stacks: Path) -> Path:
+    """Where a notebook's kernel writes its own output (``NB.kernel.log`` beside ``NB.stacks.txt``)."""
+    return stacks.with_name(stacks.name.removesuffix(".stacks.txt") + ".kernel.log")
 
 
 def _local_kernel_manager(stacks: Path):
@@ -432,7 +442,11 @@ def _local_kernel_manager(stacks: Path):
             env = dict(kw.get("env") or os.environ)
             env[STACKS_ENV] = str(self.stacks)
             kw["env"] = env
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            # what the kernel process writes outside its cells (ipykernel's own warnings, a DataLoader worker's
+            # complaint as the kernel is stopped) goes to a file beside the notebook, not between the run's lines
+            with open(kernel_log(self.stacks), "ab") as log:
+                kw["stdout"] = kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
 
         @property
         def process(self):

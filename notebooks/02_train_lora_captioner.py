@@ -34,6 +34,7 @@ num_beams: int = 3  # decoding of the whole-val scores, as notebook 03's (1: gre
 max_new_tokens: int = 30  # ...
 length_penalty: float = 1.0  # ...
 no_repeat_ngram_size: int = 0  # ... (a flat config gives both notebooks the same values)
+score_batch_size: int = 64  # val images per beam-search call in those scores (16 on a 12 GB card)
 clip_model: str = "data/demo/models/clip"  # CLIP for validation CLIPScore: open_clip name or folder
 clip_pretrained: str = ""  # open_clip tag ("openai") or file; "" for a folder
 output_dir: str = "outputs/demo"  # set by `hw3 run`
@@ -200,15 +201,19 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 final = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
                          no_repeat_ngram_size=P.no_repeat_ngram_size)
 val_features = extract_features(encoder_model, transform, val_records, cfg.encoder, device=device)
-val_images = root / "p2_data/images/val"
-scored = score_split(load_adapter(result.best_path, with_encoder=False)[0], encoder_model, transform, val_records,
-                     final, clip, val_images, features=val_features)
-rows = [attempt_row("main", "-", cfg, n_trainable, len(result.history), scored)]
+model.cpu(), torch.cuda.empty_cache()  # its adapter is on disk: the card's memory goes to the beam search
+
+
+def score(adapter: Path):  # the whole val split, decoded as notebook 03 decodes
+    return score_split(load_adapter(adapter, with_encoder=False)[0], encoder_model, transform, val_records, final,
+                       clip, root / "p2_data/images/val", P.score_batch_size, features=val_features)
+
+
+rows = [attempt_row("main", "-", cfg, n_trainable, len(result.history), score(result.best_path))]
 at = (attempt_cfg.stop_after or None) if attempt_cfg else None  # the epoch where the attempts stop (None: the end)
 if at:
-    early = load_adapter(row_adapter(result, at, out / "p2/main"), with_encoder=False)[0]
-    rows.append(attempt_row(f"main, epoch {at}", "-", cfg, n_trainable, at, score_split(
-        early, encoder_model, transform, val_records, final, clip, val_images, features=val_features)))
+    rows.append(attempt_row(f"main, epoch {at}", "-", cfg, n_trainable, at,
+                            score(row_adapter(result, at, out / "p2/main"))))
 
 # %%
 runs = attempt_configs(cfg, P.attempt_lora_r, LoraConfig.parse_targets(P.attempt_lora_targets)) if attempt_cfg else {}
@@ -218,9 +223,9 @@ for name, (changed, a_cfg) in runs.items():
     print(f"{name}: {changed}, epochs 1-{at or P.num_epochs} of the schedule -> {relative(folder)}")
     a_result = train(a_model, encoder_model, transform, train_records, val_records, attempt_cfg, folder, gen,
                      clip=clip, overwrite=P.overwrite)
-    a_scores = score_split(load_adapter(row_adapter(a_result, at, folder), with_encoder=False)[0], encoder_model,
-                           transform, val_records, final, clip, val_images, features=val_features)
-    rows.append(attempt_row(name, changed, a_cfg, count_check(a_model), len(a_result.history), a_scores))
+    a_model.cpu(), torch.cuda.empty_cache()
+    rows.append(attempt_row(name, changed, a_cfg, count_check(a_model), len(a_result.history),
+                            score(row_adapter(a_result, at, folder))))
 display(Markdown(viz.markdown_table(rows)))
 print(f"val CIDEr and CLIPScore: all {len(val_records)} val images, "
       f"{'greedy' if final.num_beams == 1 else f'beam {final.num_beams}'}; "

@@ -146,6 +146,19 @@ def test_a_dead_kernel_is_one_line(tmp_path, how, said):
     assert f"hw3 run: dies.ipynb: {said}" in err, err
 
 
+def test_what_the_kernel_itself_says_goes_to_its_log_not_between_the_runs_lines(tmp_path):
+    """ipykernel's own messages (its logger writes to the process's stderr, outside any cell) are kept beside the
+    executed notebook; the run says where, in its one line."""
+    words = "the kernel's own words"
+    config = _one_notebook_config(tmp_path, "dies", [(None, f"import os, signal\nfrom ipykernel.kernelapp import "
+                                                           f"IPKernelApp\nIPKernelApp.instance().log.warning({words!r})"
+                                                           f"\nos.kill(os.getpid(), signal.SIGKILL)")])
+    status, err, _ = _hw3_run(config)
+    log = tmp_path / "out/dies.kernel.log"
+    assert status == 1 and len(err.strip().splitlines()) == 1 and words not in err, err
+    assert words in log.read_text() and f"its own output: {log}" in err, err
+
+
 def test_cell_timeout_in_a_config_is_checked(tmp_path):
     config = _one_notebook_config(tmp_path, "x", [], cell_timeout="soon")
     with pytest.raises(wb.ConfigError, match="cell_timeout must be a number of seconds"):
