@@ -1,9 +1,9 @@
 """Every mistake gets a clear answer: a corpus of bad (and odd but valid) inputs across the ``hw3`` commands and
-the config file. Each case runs ``hw3`` in its own process, as a user would, and must end with exit status 2 (or 0
+the config file. Each case runs ``hw3`` as ``python -m hw3lib`` would, and must end with exit status 2 (or 0
 and a warning, for odd but valid input), no traceback, and one line that names the flag or the file.
 
-The cases run concurrently once per module (most stop at argument parsing, the others load a small model); each
-test then checks one of them.
+The cases run once per module, in two worker processes that share them (``tests/cli_batch.py``: torch and
+transformers imported once per worker, not once per case); each test then checks one of them.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -320,11 +319,26 @@ def sandbox(tmp_path_factory, world):
 
 
 @pytest.fixture(scope="module")
-def results(sandbox):
+def results(sandbox, tmp_path_factory):
+    """Every case, in two worker processes (tests/cli_batch.py) that share the corpus: each runs its cases one after
+    another through ``cli.main`` with its output captured, as ``python -m hw3lib`` runs one."""
+    import shlex
+
     p, env = sandbox
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_hw3, args.format(**p), env) for name, args, _, _ in CASES}
-    return {name: f.result() for name, f in futures.items()}
+    folder = tmp_path_factory.mktemp("cli_batch")
+    jobs = []
+    for k in range(2):
+        cases, out = folder / f"cases-{k}.json", folder / f"results-{k}.json"
+        cases.write_text(json.dumps([[name, shlex.split(args.format(**p))] for name, args, _, _ in CASES[k::2]]))
+        jobs.append((out, subprocess.Popen([sys.executable, str(ROOT / "tests/cli_batch.py"), str(cases), str(out)],
+                                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+    found = {}
+    for out, job in jobs:
+        said = job.communicate(timeout=900)[0].decode(errors="replace")
+        assert job.returncode == 0, said[-3000:]
+        found.update({name: subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
+                      for name, r in json.loads(out.read_text()).items()})
+    return found
 
 
 def test_the_corpus_reaches_every_command_that_reads_input():
