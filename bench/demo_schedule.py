@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, load_adapter, paths_for
+from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, load_adapter, course_files
 from hw3lib.data import hw3_split
 from hw3lib.decoder import LoraConfig
 from hw3lib.demo.world import world_scores
@@ -33,7 +33,7 @@ def main() -> None:
     root = Path("data/demo/hw3_data")
     torch.manual_seed(0)
     cfg = CaptionerConfig(encoder=EncoderConfig(name="data/demo/models/vit", pool=2),
-                          lora=LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")), **paths_for(root))
+                          lora=LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")), **course_files(root))
     model, encoder, transform = build(cfg, seed=0)
     train_records, val = hw3_split(root, "p2_data", "train"), hw3_split(root, "p2_data")
     schedule = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

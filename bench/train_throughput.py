@@ -33,7 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, count_check  # noqa: E402
+from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, checked_trainable_count  # noqa: E402
 from hw3lib.data import Record, load_split, write_json_atomic  # noqa: E402
 from hw3lib.decoder import Decoder, DecoderConfig, LoraConfig, save_checkpoint  # noqa: E402
 from hw3lib.train import TrainConfig, train  # noqa: E402
@@ -121,7 +121,7 @@ def main() -> None:
     t0 = time.time()
     model, encoder, transform = build(cfg)  # the encoder is built once and shared by the three runs
     encoder.to(device)
-    results["trainable_params"] = count_check(model)
+    results["trainable_params"] = checked_trainable_count(model)
     results["encoder_params"] = sum(p.numel() for p in encoder.parameters())
     print(f"built in {time.time() - t0:.1f}s; encoder {args.encoder}: {results['encoder_params'] / 1e9:.2f} B "
           f"parameters (frozen); trainable {results['trainable_params']:,}", flush=True)

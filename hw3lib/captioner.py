@@ -51,13 +51,13 @@ class CaptionerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
         d = dict(d)
-        enc = EncoderConfig(**d.pop("encoder", {}))
+        encoder = EncoderConfig(**d.pop("encoder", {}))
         lora = d.pop("lora", {})
         lora = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown captioner config keys {sorted(unknown)}")
-        return cls(encoder=enc, lora=lora, **d)
+        return cls(encoder=encoder, lora=lora, **d)
 
 
 def _check_timm_folder(folder: Path) -> None:
@@ -317,7 +317,7 @@ def load_adapter(path: str | Path, decoder_checkpoint: str | None = None, with_e
     return model.eval(), encoder, transform
 
 
-def count_check(model: Captioner, limit: int = 10_000_000) -> int:
+def checked_trainable_count(model: Captioner, limit: int = 10_000_000) -> int:
     """The trainable-parameter count; raises when it reaches ``limit`` (the assignment's 10 M)."""
     n = model.trainable_parameters()
     if n >= limit:
@@ -341,7 +341,7 @@ def parameter_groups(model: Captioner, encoder=None) -> list[dict]:
                {"group": "frozen (ViT + GPT-2)" if encoder is not None else "frozen (GPT-2)", "parameters": frozen}])
 
 
-def paths_for(data_root: str | Path) -> dict[str, str]:
+def course_files(data_root: str | Path) -> dict[str, str]:
     """The course files of a ``hw3_data`` root: decoder checkpoint and tokenizer."""
     p2 = Path(data_root) / "p2_data"
     return {"decoder_checkpoint": str(p2 / "decoder_model.bin"), "encoder_json": str(p2 / "encoder.json"),

@@ -169,7 +169,7 @@ def _gen(args):
 
 
 def _cmd_train(args) -> int:
-    from .captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
+    from .captioner import CaptionerConfig, EncoderConfig, build, checked_trainable_count, course_files
     from .data import check_output_dir, load_split
     from .decoder import LoraConfig
     from .distributed import setup
@@ -189,7 +189,7 @@ def _cmd_train(args) -> int:
                               pool=args.pool, random_weights=args.random_weights),
         lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         targets=tuple(args.lora_targets)),
-        projection=args.projection, visual_norm=not args.no_visual_norm, **paths_for(root))
+        projection=args.projection, visual_norm=not args.no_visual_norm, **course_files(root))
     tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        captions_per_image=args.captions_per_image, eval_images=args.eval_images or 0,
                        feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed,
@@ -198,7 +198,8 @@ def _cmd_train(args) -> int:
     if not args.no_resume:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
     model, encoder, transform = build(cfg, seed=args.seed)
-    say(f"trainable parameters: {count_check(model):,}" + (f"; {dist.world_size} processes" if dist.active else ""))
+    processes = f"; {dist.world_size} processes" if dist.active else ""
+    say(f"trainable parameters: {checked_trainable_count(model):,}{processes}")
     clip = clip_scorer(args.clip_model, args.clip_pretrained) if dist.main else None  # the main process validates
     try:
         result = train(model, encoder, transform, train_recs, val_recs, tcfg, out, gen, clip=clip,

@@ -51,8 +51,8 @@ import torch
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, count_check,
-                              extract_features, load_adapter, parameter_groups, paths_for)
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, checked_trainable_count,
+                              extract_features, load_adapter, parameter_groups, course_files)
 from hw3lib.data import hw3_split, relative
 from hw3lib.decoder import LoraConfig
 from hw3lib.metrics import score_split
@@ -69,7 +69,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 cfg = CaptionerConfig(
     encoder=EncoderConfig(name=P.encoder, pool=P.pool),  # with the CLS token; hw3 train has the other options
     lora=LoraConfig(r=P.lora_r, alpha=P.lora_alpha, targets=LoraConfig.parse_targets(P.lora_targets)),
-    visual_norm=P.visual_norm, **paths_for(root))
+    visual_norm=P.visual_norm, **course_files(root))
 train_cfg, attempt_cfg = attempt_schedule(TrainConfig(num_epochs=P.num_epochs, batch_size=P.batch_size, lr=P.lr,
                                                      captions_per_image=P.captions_per_image,
                                                      eval_images=P.eval_images, seed=P.seed), P.attempt_epochs)
@@ -83,7 +83,7 @@ gen = GenerationConfig(num_beams=1)  # greedy for the per-epoch curves (notebook
 
 # %%
 model, encoder_model, transform = build(cfg, seed=P.seed)
-n_trainable = count_check(model)  # fails at the assignment's 10 M
+n_trainable = checked_trainable_count(model)  # fails at the assignment's 10 M
 display(Markdown(viz.markdown_table(parameter_groups(model, encoder_model))))
 
 # %% [markdown]
@@ -224,7 +224,7 @@ for name, (changed, a_cfg) in runs.items():
     a_result = train(a_model, encoder_model, transform, train_records, val_records, attempt_cfg, folder, gen,
                      clip=clip, overwrite=P.overwrite)
     a_model.cpu(), torch.cuda.empty_cache()
-    rows.append(attempt_row(name, changed, a_cfg, count_check(a_model), len(a_result.history),
+    rows.append(attempt_row(name, changed, a_cfg, checked_trainable_count(a_model), len(a_result.history),
                             score(row_adapter(a_result, at, folder))))
 display(Markdown(viz.markdown_table(rows)))
 print(f"val CIDEr and CLIPScore: all {len(val_records)} val images, "

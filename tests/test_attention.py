@@ -92,13 +92,13 @@ def test_pointing_hit_miss_and_chance():
 
 
 def test_captioner_maps_cover_the_pooled_grid_and_equal_the_generation_steps(models_dir, world):
-    from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, encoder_grid, paths_for
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, encoder_grid, course_files
     from hw3lib.data import list_images
     from hw3lib.decoder import LoraConfig
     from hw3lib.captioner import extract_features
 
     cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
-                          lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **paths_for(world))
+                          lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **course_files(world))
     model, encoder, transform = build(cfg)
     recs = list_images(world / "p3_data" / "images")[:2]
     feats = extract_features(encoder, transform, recs, cfg.encoder)

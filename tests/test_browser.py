@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from hw3lib import kernel
-from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, paths_for
+from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, course_files
 from hw3lib.data import load_split
 from hw3lib.decoder import LoraConfig
 from hw3lib.train import TrainConfig, train
@@ -57,7 +57,7 @@ def lab(world, models_dir, tmp_path_factory):
     recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:40]
     val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:4]
     cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit")),
-                          lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **paths_for(world))
+                          lora=LoraConfig(r=4, alpha=8, targets=("c_attn",)), **course_files(world))
     model, encoder, transform = build(cfg, seed=0)
     result = train(model, encoder, transform, recs, val, TrainConfig(num_epochs=1, batch_size=32, captions_per_image=1),
                    tmp / "run", log=lambda *_: None, device="cpu")

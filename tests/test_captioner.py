@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, count_check, load_adapter,
-                              paths_for, save_adapter)
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, checked_trainable_count, load_adapter,
+                              course_files, save_adapter)
 from hw3lib.data import load_split
 from hw3lib.decoder import Decoder, LoraConfig
 from hw3lib.captioner import extract_features
@@ -15,7 +15,7 @@ def _cfg(world, models_dir, **lora):
     return CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
                            lora=LoraConfig(**{"r": 4, "alpha": 8, "targets": ("c_attn", "c_fc", "mlp.c_proj"),
                                               **lora}),
-                           **paths_for(world))
+                           **course_files(world))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def setup(world, models_dir):
 
 def test_lora_at_init_leaves_the_decoder_unchanged(world, models_dir):
     model, _, _ = build(_cfg(world, models_dir), with_encoder=False, encoder_dim=192)
-    plain = Decoder.from_checkpoint(paths_for(world)["decoder_checkpoint"]).eval()
+    plain = Decoder.from_checkpoint(course_files(world)["decoder_checkpoint"]).eval()
     ids = torch.randint(0, plain.cfg.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(model.decoder.eval()(ids).logits, plain(ids).logits)
@@ -51,9 +51,9 @@ def test_only_projection_and_lora_train(setup):
 def test_count_check(setup):
     model = setup[0]
     n = model.trainable_parameters()
-    assert count_check(model) == n
+    assert checked_trainable_count(model) == n
     with pytest.raises(ValueError, match=f"{n:,} trainable parameters"):
-        count_check(model, limit=n)
+        checked_trainable_count(model, limit=n)
 
 
 def test_loss_covers_caption_tokens_only(setup):

@@ -48,20 +48,20 @@ def _attempt(world):
     the names the notebook's solution reads."""
     from types import SimpleNamespace
 
-    from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, count_check, paths_for
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, build, checked_trainable_count, course_files
     from hw3lib.decoder import LoraConfig
     from hw3lib.demo import MODELS_DIR
     from hw3lib.train import attempt_configs
 
     cfg = CaptionerConfig(encoder=EncoderConfig(name=str(MODELS_DIR / "vit"), pool=2),
-                          lora=LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")), **paths_for(world))
+                          lora=LoraConfig(r=16, alpha=32, targets=("c_attn", "c_fc")), **course_files(world))
     model, encoder, _ = build(cfg)
     attempt, _, _ = build(attempt_configs(cfg, 4, ("c_attn",))["attempt 1"][1], with_encoder=False,
                           encoder_dim=encoder.num_features)
-    rows = [{"run": "attempt 1", "trainable params": count_check(attempt)}]
+    rows = [{"run": "attempt 1", "trainable params": checked_trainable_count(attempt)}]
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     namespace = {"P": SimpleNamespace(attempt_lora_r=4), "n_layer": model.decoder.cfg.n_layer,
-                 "C": model.decoder.cfg.n_embd, "cfg": cfg, "n_trainable": count_check(model), "lora": lora}
+                 "C": model.decoder.cfg.n_embd, "cfg": cfg, "n_trainable": checked_trainable_count(model), "lora": lora}
     return model, attempt, rows, namespace
 
 

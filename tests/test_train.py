@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, paths_for,
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, course_files,
                               trained_state_dict)
 from hw3lib.cli import main
 from hw3lib.data import DataError, load_split
@@ -23,7 +23,7 @@ class Killed(Exception):
 def _fresh(world, models_dir, dropout=0.1):
     torch.manual_seed(0)
     cfg = CaptionerConfig(encoder=EncoderConfig(name=str(models_dir / "vit"), pool=2),
-                          lora=LoraConfig(r=2, alpha=4, dropout=dropout, targets=("c_attn",)), **paths_for(world))
+                          lora=LoraConfig(r=2, alpha=4, dropout=dropout, targets=("c_attn",)), **course_files(world))
     return build(cfg)
 
 

@@ -66,21 +66,21 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
     device, dtype = device_of(model), next(model.parameters()).dtype
     if isinstance(image, (str, Path)):
         image = load_image(image)
-    enc = processor(images=[image], text=[build_prompt(processor, instruction)], return_tensors="pt")
-    enc = {k: v.to(device) for k, v in enc.items()}
-    enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    inputs = processor(images=[image], text=[build_prompt(processor, instruction)], return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     tok = processor.tokenizer
-    prompt_len = enc["input_ids"].shape[1]
+    prompt_len = inputs["input_ids"].shape[1]
     if generated_ids is None:
         from ..rehearsal.answers import logits_processors
 
-        out = model.generate(**enc, **generation.generate_kwargs(), **logits_processors(model, prompt_len),
+        out = model.generate(**inputs, **generation.generate_kwargs(), **logits_processors(model, prompt_len),
                              pad_token_id=tok.pad_token_id)
         generated_ids = out[0, prompt_len:].tolist()
     generated_ids = [t for t in generated_ids if t != tok.pad_token_id]
     if generated_ids and generated_ids[-1] == tok.eos_token_id:
         generated_ids = generated_ids[:-1]
-    span = image_token_span(enc["input_ids"][0], model.config.image_token_id)
+    span = image_token_span(inputs["input_ids"][0], model.config.image_token_id)
     rows, cols = vision_grid(model)
     n_layers = model.config.text_config.num_hidden_layers
     layers = list(range(n_layers)) if layers is None else [range(n_layers)[i] for i in layers]
@@ -90,11 +90,11 @@ def attention_maps(model, processor, image, instruction: str = DEFAULT_INSTRUCTI
         empty = np.zeros((0, len(layers), heads, rows, cols), np.float32)
         return LlavaAttention("", [], [], [], empty, empty, np.zeros(empty.shape[1:], np.float32), layers, span,
                               prompt_len)
-    full = torch.cat([enc["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
+    full = torch.cat([inputs["input_ids"], torch.tensor([generated_ids], device=device)], dim=1)
     previous = {k: getattr(model.config, k)._attn_implementation for k in ("text_config", "vision_config")}
     model.set_attn_implementation("eager")  # attention weights exist only in the eager implementation
     try:
-        out = model(input_ids=full, pixel_values=enc["pixel_values"], attention_mask=torch.ones_like(full),
+        out = model(input_ids=full, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(full),
                     output_attentions=True, logits_to_keep=1)
     finally:
         model.set_attn_implementation(previous)

@@ -27,10 +27,10 @@ class _Collate:
 
     def __call__(self, batch):
         images, index = zip(*batch)
-        enc = dict(self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
-                                  return_tensors="pt"))
-        enc["pixel_values"] = enc["pixel_values"].to(self.dtype)  # the model's: half the bytes to pass on in bf16
-        return enc, list(index)
+        inputs = dict(self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
+                                     return_tensors="pt"))
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)  # the model's: half the bytes to pass on in bf16
+        return inputs, list(index)
 
 
 @torch.inference_mode()
@@ -51,9 +51,9 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
         torch.manual_seed(generation.seed)
     out: dict[str, str] = {}
     with tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress) as bar:
-        for enc, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
-            ids = generate(model, enc, generation, tok.pad_token_id)
-            texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for inputs, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
+            ids = generate(model, inputs, generation, tok.pad_token_id)
+            texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
             out.update(batch)
             if on_batch is not None:
@@ -78,12 +78,12 @@ def _batches(records, processor, prompt, dtype, device, batch_size: int, num_wor
     parts, index = [], []
 
     def joined():
-        enc = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
-        enc["pixel_values"] = enc["pixel_values"].to(dtype)
-        return enc, list(index)
+        inputs = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs, list(index)
 
-    for enc, idx in loader:
-        parts.append({k: v.to(device, non_blocking=True) for k, v in enc.items()})
+    for inputs, idx in loader:
+        parts.append({k: v.to(device, non_blocking=True) for k, v in inputs.items()})
         index.extend(idx)
         if len(index) >= batch_size:
             yield joined()

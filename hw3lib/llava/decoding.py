@@ -49,7 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from .settings import LlavaGeneration
 
 
-def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
+def generate(model, inputs: dict, generation: LlavaGeneration, pad_token_id: int,
              prompt_once: bool = True) -> torch.Tensor:
     """``model.generate`` on one preprocessed batch: the prompts and the new tokens, ``(B, prompt + new)``.
 
@@ -61,21 +61,21 @@ def generate(model, enc: dict, generation: LlavaGeneration, pad_token_id: int,
     it, the cache is repeated for the beams, and every step grows and reorders the whole of it."""
     from ..rehearsal.answers import logits_processors
 
-    kw = {**generation.generate_kwargs(), **logits_processors(model, enc["input_ids"].shape[1])}
+    kw = {**generation.generate_kwargs(), **logits_processors(model, inputs["input_ids"].shape[1])}
     if generation.cache == "static+graphs":
         if graphs_supported(model, generation):
-            return graphed_greedy(model, enc, generation, pad_token_id)
+            return graphed_greedy(model, inputs, generation, pad_token_id)
     if generation.num_beams == 1 or generation.do_sample:
-        return model.generate(**enc, **kw, pad_token_id=pad_token_id)
+        return model.generate(**inputs, **kw, pad_token_id=pad_token_id)
     from transformers import DynamicCache
 
     # the cache argument is "cache" from transformers 5.2x, "past_key_values" before
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache(config=model.config)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
     model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-          pixel_values=enc["pixel_values"], use_cache=True, logits_to_keep=1, **{name: cache})  # fills the cache
+          pixel_values=inputs["pixel_values"], use_cache=True, logits_to_keep=1, **{name: cache})  # fills the cache
     kw = {k: v for k, v in kw.items() if k not in ("cache_implementation", "disable_compile")}
     if not prompt_once:
         cache.batch_repeat_interleave(generation.num_beams)  # row i's cache for its beams i*K .. i*K + K - 1
@@ -119,14 +119,14 @@ def graphs_supported(model, generation) -> bool:
 
 
 @torch.inference_mode()
-def graphed_greedy(model, enc: dict, generation, pad_token_id: int, graphs: bool | None = None) -> torch.Tensor:
+def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: bool | None = None) -> torch.Tensor:
     """``(B, prompt + new)`` token ids, as ``model.generate`` returns them for greedy decoding. ``graphs``: replay
     the steps from a CUDA graph (default: on a CUDA device)."""
     from transformers import StaticCache
 
     from ..rehearsal.answers import answer_tokens, end_after
 
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     device, (batch, prompt) = ids.device, ids.shape
     graphs = device.type == "cuda" if graphs is None else graphs
     eos = model.generation_config.eos_token_id
@@ -138,7 +138,7 @@ def graphed_greedy(model, enc: dict, generation, pad_token_id: int, graphs: bool
 
     positions = mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(mask == 0, 1)  # as generate() numbers left-padded prompts
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=enc["pixel_values"],
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
                    cache_position=torch.arange(prompt, device=device), use_cache=True, logits_to_keep=1,
                    **{name: cache}).logits[:, -1]
     # the buffers a step reads and writes
