@@ -105,8 +105,10 @@ def build_markdown(out: Path, metrics: dict) -> tuple[str, list[str]]:
         r.add(*_table(["instruction", "text", "generation", "CIDEr", "CLIPScore", "mean length (words)",
                        "seconds"], rows))
         best = llava["best"]
-        r.add(f"**Best setting (by CIDEr):** instruction \"{best['instruction']}\", generation {best['generation']}: "
-              f"CIDEr {_f(best['cider'])}, CLIPScore {_f(best.get('clipscore'))}.", "")
+        on_all = llava.get("best_num_images", llava["num_images"])
+        on_all = f" on all {on_all} images" if on_all != llava["num_images"] else ""
+        r.add(f"**Best setting (by CIDEr):** instruction \"{best['instruction']}\", generation {best['generation']}"
+              f"{on_all}: CIDEr {_f(best['cider'])}, CLIPScore {_f(best.get('clipscore'))}.", "")
         r.figure("01_sweep.png", "the sweep: CIDEr against CLIPScore, and caption lengths")
     else:
         r.missing("01_llava_prompts")

@@ -41,6 +41,7 @@ def hw3_run(world, hf_home, tmp_path_factory):
     cfg = WorkbookConfig.load(wb.ROOT / "configs/demo.yaml")
     cfg.profile, cfg.output_dir, cfg.demo_world = "hw3", out, False
     cfg.parameters = {**cfg.parameters, "data_root": str(root), "llava_model": LLAVA_ID, "llava_num_images": 6,
+                      "llava_sweep_images": 3,  # the settings compete on 3 images, the best then captions all 6
                       "llava_instructions": {"one sentence": "Describe this image in one sentence."},
                       "llava_generations": {"beam 3": {"num_beams": 3, "max_new_tokens": 20}},
                       "llava_num_show": 1, "num_epochs": 1, "attempt_epochs": 1, "eval_images": 4,
@@ -126,6 +127,12 @@ def test_report_has_the_template_the_run_numbers_and_its_figures(hw3_run):
     assert checked > 40
     for row in metrics["llava"]["sweep"]:
         assert f"| {row['cider']:.3f} | {row['clipscore']:.3f} |" in text
+    # the sweep compared the settings on 3 images; the best captioned all 6, and those are the file to hand in
+    llava = metrics["llava"]
+    assert (llava["num_images"], llava["best_num_images"]) == (3, 6)
+    handed_in = json.loads((out / "p1_predictions.json").read_text())
+    assert len(handed_in) == 6 and handed_in == json.loads(Path(llava["best"]["predictions"]).read_text())
+    assert "on all 6 images: CIDEr" in text and "3 images of p1 val" in text
     for a in metrics["captioner_training"]["attempts"]:
         assert f"| {a['val_cider']:.3f} | {a['val_clipscore']:.3f} |" in text
     assert f"CIDEr {metrics['captioner']['cider']:.3f}, CLIPScore {metrics['captioner']['clipscore']:.3f}" in text

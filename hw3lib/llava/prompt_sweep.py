@@ -169,15 +169,21 @@ def main(spec_path: str) -> int:
     return 0
 
 
-def sweep_summary(rows: list[dict], model_name: str, num_images: int) -> dict:
-    """What notebook 01 records: every row's settings and scores, and the best row by CIDEr (the course's primary
-    metric), with the path of its predictions."""
+def best_setting(rows: list[dict]) -> dict:
+    """The row with the highest CIDEr, the course's primary metric."""
+    return max(rows, key=lambda r: r["cider"])
+
+
+def sweep_summary(rows: list[dict], model_name: str, num_images: int, best: dict | None = None,
+                  best_images: int | None = None) -> dict:
+    """What notebook 01 records: every row's settings and scores, and the best row by CIDEr with the path of its
+    predictions. ``best``: that setting's row on ``best_images`` images, when the sweep compared the settings on
+    fewer (``llava_sweep_images``) and the best then captioned them all."""
     keep = ["name", "instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore",
             "mean_length", "caption_accuracy", "seconds", "images_per_s", "predictions"]
-    best = max(rows, key=lambda r: r["cider"])
+    best = best or best_setting(rows)
     return {"model": model_name, "num_images": num_images, "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
-            "best": {k: best[k] for k in keep if k in best}}
-
+            "best": {k: best[k] for k in keep if k in best}, "best_num_images": best_images or num_images}
 
 
 def sweep_findings(rows: list[dict]) -> str:
@@ -186,7 +192,7 @@ def sweep_findings(rows: list[dict]) -> str:
     by_cider = sorted(rows, key=lambda r: r["cider"])
     by_clip = sorted(rows, key=lambda r: r.get("clipscore", 0))
     longest = max(rows, key=lambda r: r["mean_length"])
-    best = max(rows, key=lambda r: r["cider"])  # as sweep_summary chooses it
+    best = best_setting(rows)
     return (f"**This run.** CIDEr runs from {by_cider[0]['cider']:.3f} (*{by_cider[0]['name']}*) to "
             f"{by_cider[-1]['cider']:.3f} (*{by_cider[-1]['name']}*); CLIPScore from "
             f"{by_clip[0].get('clipscore', 0):.3f} (*{by_clip[0]['name']}*) to {by_clip[-1].get('clipscore', 0):.3f} "
