@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, load_adapter, course_files
+from hw3lib.captioner import CaptionerConfig, EncoderConfig, CaptionerGeneration, build, load_adapter, course_files
 from hw3lib.data import hw3_split
 from hw3lib.decoder import LoraConfig
 from hw3lib.demo.world import world_scores
@@ -40,11 +40,11 @@ def main() -> None:
                            captions_per_image=args.captions_per_image, eval_images=32, seed=0)
     with tempfile.TemporaryDirectory() as run:
         t0 = time.time()
-        result = train(model, encoder, transform, train_records, val, schedule, Path(run), GenerationConfig(),
+        result = train(model, encoder, transform, train_records, val, schedule, Path(run), CaptionerGeneration(),
                        log=lambda *_: None)
         seconds = time.time() - t0
         best = load_adapter(result.best_path, with_encoder=False)[0]
-    scores = score_split(best, encoder, transform, val, GenerationConfig(), None, root / "p2_data/images/val")
+    scores = score_split(best, encoder, transform, val, CaptionerGeneration(), None, root / "p2_data/images/val")
     accuracy = world_scores(root / "p2_data")["caption_accuracy"](scores.predictions)
     print(f"epochs {args.epochs}, {args.captions_per_image} references per image, batch {args.batch_size}, lr "
           f"{args.lr}: trained in {seconds:.0f} s, val CIDEr {scores.cider:.3f}, caption accuracy {accuracy:.3f}")

@@ -122,11 +122,11 @@ def captioner_maps(model, features: torch.Tensor, grid: tuple[int, int], gen=Non
     it equals what ``generate(output_attentions=True)`` records; the tests compare them); ``read_maps`` that of the
     query that reads it (for the last token: the step that closes the caption). The CLS token, if used, is left
     out."""
-    from .captioner import GenerationConfig
+    from .captioner import CaptionerGeneration
 
     model.eval()
     if captions is None:
-        out = model.generate(features, gen or GenerationConfig())
+        out = model.generate(features, gen or CaptionerGeneration())
         token_ids, texts = out.token_ids, out.captions
     else:
         if len(captions) != len(features):
@@ -232,7 +232,7 @@ class ScoredSettings:
     (``metrics/captioner.json``), LLaVA as notebook 01's best setting (``metrics/llava.json``). Where a notebook has
     not run, its model's defaults (greedy, :data:`hw3lib.llava.DEFAULT_INSTRUCTION`), and the label says so."""
 
-    captioner: object  # captioner.GenerationConfig
+    captioner: object  # captioner.CaptionerGeneration
     captioner_label: str
     llava: object  # llava.LlavaGeneration
     llava_label: str
@@ -241,19 +241,19 @@ class ScoredSettings:
 
 
 def scored_settings(output_dir) -> ScoredSettings:
-    from .captioner import GenerationConfig
+    from .captioner import CaptionerGeneration
     from .llava import DEFAULT_INSTRUCTION, LlavaGeneration
     from .outputs import read_metrics
 
     captioner, info = read_metrics(output_dir, "captioner"), read_metrics(output_dir, "llava")
     if captioner:
-        gen = GenerationConfig(**captioner["generation"])
+        gen = CaptionerGeneration(**captioner["generation"])
         extras = "".join(f", {k} {v}" for k, v in (("length penalty", gen.length_penalty),
                                                    ("no repeat n-gram", gen.no_repeat_ngram_size)) if v not in (1.0, 0))
         cap_label = ("greedy" if gen.num_beams == 1 else f"beam {gen.num_beams}") + extras + \
             f", at most {gen.max_new_tokens} tokens, as notebook 03 scored"
     else:
-        gen, cap_label = GenerationConfig(), "greedy; notebook 03 has not run, so its decoding is not known"
+        gen, cap_label = CaptionerGeneration(), "greedy; notebook 03 has not run, so its decoding is not known"
     if info:
         best = info["best"]
         llava = LlavaGeneration.from_dict(best["generation_config"])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import DataError, ImageDataset, Record, atomic_path, list_images, read_json
-from .captioner_decoding import GenerationConfig, Generated, generate
+from .captioner_decoding import CaptionerGeneration, Generated, generate
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
 
@@ -220,7 +220,7 @@ class Captioner(nn.Module):
         return ids, targets
 
     # ------------------------------------------------------------------------------------------------- decoding
-    def generate(self, features: torch.Tensor, gen: GenerationConfig = GenerationConfig(),
+    def generate(self, features: torch.Tensor, gen: CaptionerGeneration = CaptionerGeneration(),
                  output_attentions: bool = False) -> Generated:
         """Captions for a batch of visual features: :func:`hw3lib.captioner_decoding.generate`."""
         return generate(self, features, gen, output_attentions)
@@ -370,7 +370,7 @@ def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_s
     return out if out is not None else torch.empty(0)
 
 
-def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationConfig, batch_size: int = 64,
+def caption_features(model: Captioner, features: torch.Tensor, gen: CaptionerGeneration, batch_size: int = 64,
                      device="cpu") -> list[str]:
     """Captions for pre-computed features, batched."""
     model.eval()
@@ -383,7 +383,7 @@ def caption_features(model: Captioner, features: torch.Tensor, gen: GenerationCo
 
 @torch.no_grad()
 def caption_images(model: Captioner, encoder, transform, images_dir: str | Path,
-                   gen: GenerationConfig = GenerationConfig(), batch_size: int = 64, device: str | None = None,
+                   gen: CaptionerGeneration = CaptionerGeneration(), batch_size: int = 64, device: str | None = None,
                    num_workers: int = 0) -> dict[str, str]:
     """``{file id: caption}`` for every image of a folder (what the course's hw3_2.sh writes)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

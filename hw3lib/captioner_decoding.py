@@ -1,7 +1,7 @@
 """How the captioner decodes: greedy or beam search over its GPT-2 decoder with a KV cache, the visual prefix
 computed once; optionally each generated token's attention over the visual tokens (for notebook 04's maps).
 
-:class:`GenerationConfig` is the captioner's decoding (LLaVA's is :class:`hw3lib.llava.LlavaGeneration`, and its
+:class:`CaptionerGeneration` is the captioner's decoding (LLaVA's is :class:`hw3lib.llava.LlavaGeneration`, and its
 decoding :mod:`hw3lib.llava.decoding`).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 
 @dataclass
-class GenerationConfig:
+class CaptionerGeneration:
     num_beams: int = 1  # 1 = greedy
     max_new_tokens: int = 30  # caption tokens, the closing <|endoftext|> included
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
@@ -27,7 +27,7 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(model, features: torch.Tensor, gen: GenerationConfig = GenerationConfig(),
+def generate(model, features: torch.Tensor, gen: CaptionerGeneration = CaptionerGeneration(),
              output_attentions: bool = False) -> Generated:
     """Captions for a batch of visual features, greedy or beam search, with a KV cache.
 

@@ -152,9 +152,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    from .captioner import GenerationConfig
+    from .captioner import CaptionerGeneration
 
-    g = GenerationConfig()
+    g = CaptionerGeneration()
     p.add_argument("--num-beams", type=POSITIVE, default=g.num_beams, help="1 = greedy")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=g.max_new_tokens)
     p.add_argument("--length-penalty", type=float, default=g.length_penalty)
@@ -162,9 +162,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def _gen(args):
-    from .captioner import GenerationConfig
+    from .captioner import CaptionerGeneration
 
-    return GenerationConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+    return CaptionerGeneration(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .captioner import (Captioner, GenerationConfig, caption_features, encode_images, extract_features,
+from .captioner import (Captioner, CaptionerGeneration, caption_features, encode_images, extract_features,
                         save_adapter, trained_state_dict)
 from .data import DataError, ImageDataset, Record, atomic_path
 
@@ -116,7 +116,7 @@ def epoch_batches(records: list[Record], k: int, batch_size: int, rng: np.random
 
 
 def train(model: Captioner, encoder, transform, train_records: list[Record], val_records: list[Record],
-          cfg: TrainConfig, out_dir: str | Path, gen: GenerationConfig = GenerationConfig(), clip=None,
+          cfg: TrainConfig, out_dir: str | Path, gen: CaptionerGeneration = CaptionerGeneration(), clip=None,
           resume: bool = True, overwrite: bool = False, device: str | None = None, on_step=None,
           log=print) -> TrainResult:
     """Train ``model``'s projection + LoRA on ``train_records``; validate on ``val_records`` every epoch.
@@ -339,7 +339,7 @@ def _step(opt, sched, params, cfg: TrainConfig) -> None:
 
 
 def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_records: list[Record],
-            gen: GenerationConfig) -> str:
+            gen: CaptionerGeneration) -> str:
     """What makes two runs the same: a checkpoint is resumed only by the run that wrote it."""
     # not part of it: speed (compile), and where this call stops and what it keeps: the schedule is the same
     cfg = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "stop_after", "keep_epochs", "validate")}
@@ -348,7 +348,7 @@ def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_record
 
 
 def check_run_folder(out_dir: str | Path, model_cfg, cfg: TrainConfig, train_records: list[Record],
-                     val_records: list[Record], gen: GenerationConfig, overwrite: bool = False) -> None:
+                     val_records: list[Record], gen: CaptionerGeneration, overwrite: bool = False) -> None:
     """Before any work: refuse an ``out_dir`` whose ``last.pt`` belongs to another run, unless ``overwrite``."""
     last = Path(out_dir) / "last.pt"
     if overwrite or not last.is_file():

@@ -51,7 +51,7 @@ import torch
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, checked_trainable_count,
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, CaptionerGeneration, build, checked_trainable_count,
                               extract_features, load_adapter, parameter_groups, course_files)
 from hw3lib.data import hw3_split, relative
 from hw3lib.decoder import LoraConfig
@@ -73,7 +73,7 @@ cfg = CaptionerConfig(
 train_cfg, attempt_cfg = attempt_schedule(TrainConfig(num_epochs=P.num_epochs, batch_size=P.batch_size, lr=P.lr,
                                                      captions_per_image=P.captions_per_image,
                                                      eval_images=P.eval_images, seed=P.seed), P.attempt_epochs)
-gen = GenerationConfig(num_beams=1)  # greedy for the per-epoch curves (notebook 03 decodes with the final config)
+gen = CaptionerGeneration(num_beams=1)  # greedy for the per-epoch curves (notebook 03 decodes with the final config)
 
 # %% [markdown]
 # ## The model and what trains
@@ -198,7 +198,7 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 # run's own adapter after that same epoch: compare the attempts with that row, not with the finished run.
 
 # %%
-final = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
+final = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
                          no_repeat_ngram_size=P.no_repeat_ngram_size)
 val_features = extract_features(encoder_model, transform, val_records, cfg.encoder, device=device)
 model.cpu(), torch.cuda.empty_cache()  # its adapter is on disk: the card's memory goes to the beam search

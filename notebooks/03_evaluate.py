@@ -30,7 +30,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from hw3lib import viz
-from hw3lib.captioner import GenerationConfig, load_adapter
+from hw3lib.captioner import CaptionerGeneration, load_adapter
 from hw3lib.data import hw3_split, relative, write_json_atomic
 from hw3lib.demo.world import accuracy_report, ground_truth, world_scores
 from hw3lib.metrics import common_caption_baseline, score_split
@@ -41,7 +41,7 @@ from hw3lib.report import save_metrics
 P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
 root, out = run.data_root, run.output_dir
 adapter = run.adapter(P.adapter)
-gen = GenerationConfig(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
+gen = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
                        no_repeat_ngram_size=P.no_repeat_ngram_size)
 
 # %% [markdown]

@@ -92,7 +92,7 @@ def test_pointing_hit_miss_and_chance():
 
 
 def test_captioner_maps_cover_the_pooled_grid_and_equal_the_generation_steps(models_dir, world):
-    from hw3lib.captioner import CaptionerConfig, EncoderConfig, GenerationConfig, build, encoder_grid, course_files
+    from hw3lib.captioner import CaptionerConfig, EncoderConfig, CaptionerGeneration, build, encoder_grid, course_files
     from hw3lib.data import list_images
     from hw3lib.decoder import LoraConfig
     from hw3lib.captioner import extract_features
@@ -103,7 +103,7 @@ def test_captioner_maps_cover_the_pooled_grid_and_equal_the_generation_steps(mod
     recs = list_images(world / "p3_data" / "images")[:2]
     feats = extract_features(encoder, transform, recs, cfg.encoder)
     torch.manual_seed(0)
-    gen = GenerationConfig(max_new_tokens=8)
+    gen = CaptionerGeneration(max_new_tokens=8)
     out = captioner_maps(model, feats, encoder_grid(encoder), gen, batch_size=1)
     n_layer, n_head = model.decoder.cfg.n_layer, model.decoder.cfg.n_head
     # the teacher-forced pass equals what generate records step by step (the CLS position dropped)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, checked_trainable_count, load_adapter,
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, CaptionerGeneration, build, checked_trainable_count, load_adapter,
                               course_files, save_adapter)
 from hw3lib.data import load_split
 from hw3lib.decoder import Decoder, LoraConfig
@@ -102,7 +102,7 @@ def test_load_rejects_wrong_adapters(setup, tmp_path):
 
 def test_one_beam_equals_greedy(setup):
     model, _, _, _, feats = setup
-    gen = GenerationConfig(max_new_tokens=12)
+    gen = CaptionerGeneration(max_new_tokens=12)
     from hw3lib.captioner_decoding import _beam, _greedy
 
     greedy = _greedy(model, feats, gen, False)
@@ -113,7 +113,7 @@ def test_one_beam_equals_greedy(setup):
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_equals_one_at_a_time(setup, beams):
     model, _, _, _, feats = setup
-    gen = GenerationConfig(num_beams=beams, max_new_tokens=12, no_repeat_ngram_size=2)
+    gen = CaptionerGeneration(num_beams=beams, max_new_tokens=12, no_repeat_ngram_size=2)
     batched = model.generate(feats, gen).captions
     single = [model.generate(feats[i : i + 1], gen).captions[0] for i in range(len(feats))]
     assert batched == single
@@ -121,11 +121,11 @@ def test_batched_equals_one_at_a_time(setup, beams):
 
 def test_attention_capture(setup):
     model, _, _, _, feats = setup
-    off = model.generate(feats, GenerationConfig(max_new_tokens=8))
+    off = model.generate(feats, CaptionerGeneration(max_new_tokens=8))
     assert off.attentions is None
     for beams in (1, 2):
-        on = model.generate(feats, GenerationConfig(num_beams=beams, max_new_tokens=8), output_attentions=True)
-        assert on.captions == model.generate(feats, GenerationConfig(num_beams=beams, max_new_tokens=8)).captions
+        on = model.generate(feats, CaptionerGeneration(num_beams=beams, max_new_tokens=8), output_attentions=True)
+        assert on.captions == model.generate(feats, CaptionerGeneration(num_beams=beams, max_new_tokens=8)).captions
         for ids, att in zip(on.token_ids, on.attentions):
             L, H = model.decoder.cfg.n_layer, model.decoder.cfg.n_head
             assert att.shape[0] in (len(ids), len(ids) + 1) and att.shape[1:] == (L, H, feats.shape[1])

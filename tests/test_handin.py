@@ -59,7 +59,7 @@ def hw3_run(world, hf_home, tmp_path_factory):
 
 
 def test_figures_show_the_scored_captions(hw3_run, models_dir):
-    from hw3lib.captioner import GenerationConfig, caption_images, load_adapter
+    from hw3lib.captioner import CaptionerGeneration, caption_images, load_adapter
     from hw3lib.data import list_images
     from hw3lib.llava import LlavaGeneration, caption_records, load_llava
 
@@ -70,7 +70,7 @@ def test_figures_show_the_scored_captions(hw3_run, models_dir):
     # the captioner's P3 captions: what 03's decoding (beam 3) gives, computed here on its own
     model, encoder, transform = load_adapter(out / "p2/main/best.safetensors",
                                              decoder_checkpoint=str(root / "p2_data/decoder_model.bin"))
-    gen = GenerationConfig(**merged["captioner"]["generation"])
+    gen = CaptionerGeneration(**merged["captioner"]["generation"])
     p3 = list_images(root / "p3_data/images")
     assert merged["attention"]["p3_captions"]["captioner"] == caption_images(model, encoder, transform,
                                                                             root / "p3_data/images", gen)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hw3lib.captioner import (CaptionerConfig, EncoderConfig, GenerationConfig, build, course_files,
+from hw3lib.captioner import (CaptionerConfig, EncoderConfig, CaptionerGeneration, build, course_files,
                               trained_state_dict)
 from hw3lib.cli import main
 from hw3lib.data import DataError, load_split
@@ -247,7 +247,7 @@ def test_compiled_step_gives_the_loss_curve_of_the_eager_step(world, models_dir,
     for k in eager_state:
         assert torch.allclose(fast_state[k], eager_state[k], atol=1e-3), k
     # compile on or off is the same run: it resumes either way
-    on, off = (run_key(model.cfg, replace(cfg, compile=c), recs, val, GenerationConfig()) for c in (True, False))
+    on, off = (run_key(model.cfg, replace(cfg, compile=c), recs, val, CaptionerGeneration()) for c in (True, False))
     assert on == off
 
 
