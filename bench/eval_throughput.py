@@ -50,7 +50,6 @@ def main() -> None:
     ap.add_argument("--decoder", choices=["auto", "pillow"], default="auto",
                     help="auto: JPEGs through torchvision where it gives Pillow's pixels (the workbook's); pillow: "
                          "every image through Pillow")
-    ap.add_argument("--pin", action="store_true", help="the threads copy decoded images to page-locked memory")
     ap.add_argument("--skip-precision", action="store_true", help="skip the fp16 / fp32 comparison")
     ap.add_argument("--json", default="")
     ap.add_argument("--workers", type=int, default=None, help="decoding workers (default: ClipConfig's)")
@@ -74,7 +73,6 @@ def main() -> None:
     scorer = ClipScorer(ClipConfig(model="ViT-B-32-quickgelu", pretrained=None, device=args.device,
                                    batch_size=args.batch_size, num_workers=args.workers, precision=args.precision))
     scorer.resize_on_device = args.resize == "device" and args.device == "cuda"
-    scorer.pin_decoded = args.pin
     if args.decoder == "pillow":
         from hw3lib import pil_resize
 
@@ -129,7 +127,7 @@ def main() -> None:
            "image_batches_seconds": t_images, "embed_texts_seconds": t_texts, "cider": result["cider"],
            "clipscore": result["clipscore"],
            "clip_dtype": str(timed_dtype), "clip_workers": scorer.num_workers, "decode": args.decode,
-           "resize_on_device": scorer.resize_on_device, "pin_decoded": scorer.pin_decoded, "decoder": args.decoder,
+           "resize_on_device": scorer.resize_on_device, "decoder": args.decoder,
            "fp16_vs_fp32": precision}
     print(f"evaluate: {args.captions} captions in {seconds:.2f}s, the median of {len(runs)} runs "
           f"({args.captions / seconds:.1f} captions/s), "

@@ -76,7 +76,6 @@ class ClipScorer:
         self.preprocess = preprocess
         # resize and crop on the GPU (hw3lib.pil_resize, Pillow's integers) instead of in the decoding threads
         self.resize_on_device = self.device.type == "cuda"
-        self.pin_decoded = False  # page-locked copies of the decoded images (asynchronous uploads); bench's --pin
         self.tokenizer = open_clip.get_tokenizer(name)
 
     def image_batches(self, records: list[Record]):
@@ -110,8 +109,7 @@ class ClipScorer:
 
             def load(i):
                 if on_device:  # decoded here, resized and cropped on the GPU (bit-equal to Pillow's)
-                    pixels = pil_resize.decode_rgb(records[i].image_path)
-                    return pixels.pin_memory() if self.pin_decoded and self.device.type == "cuda" else pixels
+                    return pil_resize.decode_rgb(records[i].image_path)
                 return torch.from_numpy(np.array(on_host(load_image(records[i].image_path))))
 
         def finish(items):
