@@ -450,70 +450,70 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _gen_args(c)
     c.set_defaults(func=_cmd_caption)
 
-    v = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
+    lc = sub.add_parser("llava-caption", help="P1: zero-shot LLaVA-1.5 captions of a folder (the course's hw3_1.sh)")
     if want("llava-caption"):
         from .llava import CACHES, DEFAULT_INSTRUCTION, REAL_MODEL_ID, LlavaGeneration
 
         lg = LlavaGeneration()
-        v.add_argument("images", help="folder of images")
-        v.add_argument("out_json", help="predictions JSON to write {file id: caption}")
-        v.add_argument("--model", default=REAL_MODEL_ID,
-                       help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
-        v.add_argument("--processor", default=None, help="with --random-weights: a local LLaVA folder whose processor "
-                       "drives the random 7B (default: --model)")
-        v.add_argument("--prompt", type=_instruction, default=DEFAULT_INSTRUCTION, help="the instruction")
-        v.add_argument("--num-beams", type=POSITIVE, default=lg.num_beams)
-        v.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
-        v.add_argument("--top-p", type=TOP_P, default=lg.top_p, help="in (0, 1]")
-        v.add_argument("--max-new-tokens", type=POSITIVE, default=lg.max_new_tokens)
-        v.add_argument("--min-new-tokens", type=COUNT, default=lg.min_new_tokens)
-        v.add_argument("--length-penalty", type=float, default=lg.length_penalty)
-        v.add_argument("--no-repeat-ngram-size", type=COUNT, default=lg.no_repeat_ngram_size)
-        v.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True),
-                       default=lg.repetition_penalty)
-        v.add_argument("--seed", type=int, default=lg.seed)
-        v.add_argument("--cache", choices=CACHES, default=lg.cache,
-                       help="KV cache: static preallocates it (faster decoding on a GPU); static+graphs also replays "
-                            "greedy decoding's steps from a CUDA graph")
-        v.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
-        v.add_argument("--batch-size", type=POSITIVE, default=16)
-        v.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")
-        v.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-        v.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
-        v.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
-        v.add_argument("--liger", action="store_true",
-                       help="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
-                            "GPU): a shorter prefill (docs/benchmarks.md)")
-        v.add_argument("--deterministic", action="store_true",
-                       help="deterministic GPU kernels: the same captions on every run and on any number of GPUs "
-                            "(bf16 near-ties flip otherwise; about 2 %% slower, docs/benchmarks.md)")
-    v.set_defaults(func=_cmd_llava_caption)
+        lc.add_argument("images", help="folder of images")
+        lc.add_argument("out_json", help="predictions JSON to write {file id: caption}")
+        lc.add_argument("--model", default=REAL_MODEL_ID,
+                        help="hub id or local folder (default: %(default)s; the demo: data/demo/models/llava)")
+        lc.add_argument("--processor", default=None, help="with --random-weights: a local LLaVA folder whose processor "
+                        "drives the random 7B (default: --model)")
+        lc.add_argument("--prompt", type=_instruction, default=DEFAULT_INSTRUCTION, help="the instruction")
+        lc.add_argument("--num-beams", type=POSITIVE, default=lg.num_beams)
+        lc.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0: greedy / beam; > 0 samples (--seed)")
+        lc.add_argument("--top-p", type=TOP_P, default=lg.top_p, help="in (0, 1]")
+        lc.add_argument("--max-new-tokens", type=POSITIVE, default=lg.max_new_tokens)
+        lc.add_argument("--min-new-tokens", type=COUNT, default=lg.min_new_tokens)
+        lc.add_argument("--length-penalty", type=float, default=lg.length_penalty)
+        lc.add_argument("--no-repeat-ngram-size", type=COUNT, default=lg.no_repeat_ngram_size)
+        lc.add_argument("--repetition-penalty", type=_in_range(0.0, float("inf"), True, True),
+                        default=lg.repetition_penalty)
+        lc.add_argument("--seed", type=int, default=lg.seed)
+        lc.add_argument("--cache", choices=CACHES, default=lg.cache,
+                        help="KV cache: static preallocates it (faster decoding on a GPU); static+graphs also replays "
+                             "greedy decoding's steps from a CUDA graph")
+        lc.add_argument("--first-sentence", action="store_true", help="keep only the first sentence of each caption")
+        lc.add_argument("--batch-size", type=POSITIVE, default=16)
+        lc.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader workers decoding images")
+        lc.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+        lc.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
+        lc.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+        lc.add_argument("--liger", action="store_true",
+                        help="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
+                             "GPU): a shorter prefill (docs/benchmarks.md)")
+        lc.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels: the same captions on every run and on any number of GPUs "
+                             "(bf16 near-ties flip otherwise; about 2 %% slower, docs/benchmarks.md)")
+    lc.set_defaults(func=_cmd_llava_caption)
 
-    h = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "
-                                        "own, plus COCO-like hw3_data: the hw3 profile without downloads (GPU)")
-    h.add_argument("--out", required=True, help="writes OUT/hw3_data and OUT/hf_home (about 16 GB)")
-    h.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config whose models are rehearsed")
-    h.add_argument("--p1-images", type=POSITIVE, default=200, help="p1 val images (the course's: 500)")
-    h.add_argument("--train-images", type=POSITIVE, default=2000, help="p2 train images (the course's: ~10,000)")
-    h.add_argument("--val-images", type=POSITIVE, default=300, help="p2 val images (the course's: ~1,500)")
-    h.add_argument("--only", nargs="+", choices=["data", "encoder", "clip", "llava"],
-                   default=["data", "encoder", "clip", "llava"], help="prepare only these parts")
-    h.add_argument("--device", default=None, help="where the 7B model is built (default: cuda when available)")
-    h.add_argument("--llava-from", default=None, help="store this saved LLaVA (e.g. data/demo/models/llava) under "
-                                                      "the LLaVA id instead of the random 7B: a dry run on a CPU")
-    h.set_defaults(func=_cmd_rehearse)
+    rh = sub.add_parser("rehearse", help="random weights at the real architectures in a Hugging Face cache of its "
+                                         "own, plus COCO-like hw3_data: the hw3 profile without downloads (GPU)")
+    rh.add_argument("--out", required=True, help="writes OUT/hw3_data and OUT/hf_home (about 16 GB)")
+    rh.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config whose models are rehearsed")
+    rh.add_argument("--p1-images", type=POSITIVE, default=200, help="p1 val images (the course's: 500)")
+    rh.add_argument("--train-images", type=POSITIVE, default=2000, help="p2 train images (the course's: ~10,000)")
+    rh.add_argument("--val-images", type=POSITIVE, default=300, help="p2 val images (the course's: ~1,500)")
+    rh.add_argument("--only", nargs="+", choices=["data", "encoder", "clip", "llava"],
+                    default=["data", "encoder", "clip", "llava"], help="prepare only these parts")
+    rh.add_argument("--device", default=None, help="where the 7B model is built (default: cuda when available)")
+    rh.add_argument("--llava-from", default=None, help="store this saved LLaVA (e.g. data/demo/models/llava) under "
+                                                       "the LLaVA id instead of the random 7B: a dry run on a CPU")
+    rh.set_defaults(func=_cmd_rehearse)
 
-    w = sub.add_parser("download", help="fetch the real models of the hw3 profile (needs network)")
-    w.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config that names the models")
-    w.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
-    w.set_defaults(func=_cmd_download)
+    dl = sub.add_parser("download", help="fetch the real models of the hw3 profile (needs network)")
+    dl.add_argument("-f", "--config", default="configs/hw3.yaml", help="the config that names the models")
+    dl.add_argument("--dry-run", action="store_true", help="list what would be fetched, fetch nothing")
+    dl.set_defaults(func=_cmd_download)
 
-    j = sub.add_parser("lab", help="open the workbook in JupyterLab (127.0.0.1 only, token login)")
-    j.add_argument("--port", type=_port, help="port to listen on (default: Jupyter's, 8888 or the next free one)")
-    j.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
-    j.add_argument("jupyter_args", nargs=argparse.REMAINDER, metavar="-- JUPYTER_ARGS",
-                   help="anything after -- goes to `jupyter lab` as it is")
-    j.set_defaults(func=_cmd_lab)
+    lab = sub.add_parser("lab", help="open the workbook in JupyterLab (127.0.0.1 only, token login)")
+    lab.add_argument("--port", type=_port, help="port to listen on (default: Jupyter's, 8888 or the next free one)")
+    lab.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, metavar="-- JUPYTER_ARGS",
+                     help="anything after -- goes to `jupyter lab` as it is")
+    lab.set_defaults(func=_cmd_lab)
     return p
 
 
