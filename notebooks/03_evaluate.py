@@ -268,7 +268,7 @@ my_caption = ""  # your caption
 check("beat_the_baseline", my_caption, references=references, baseline=base.cider)
 
 # %% [markdown]
-# **Write it yourself: CIDEr-D's length penalty.** Write `length_penalty(candidate_length, reference_length,
+# **Write it yourself: CIDEr-D's length penalty.** Write `cider_length_penalty(candidate_length, reference_length,
 # sigma=6.0)`, the factor `exp(-(l_c - l_r)^2 / (2 sigma^2))` that multiplies every n-gram match. What does a
 # 35-word answer keep against 10-word references?
 #
@@ -283,18 +283,18 @@ check("beat_the_baseline", my_caption, references=references, baseline=base.cide
 # import math
 #
 #
-# def length_penalty(candidate_length, reference_length, sigma=6.0):
+# def cider_length_penalty(candidate_length, reference_length, sigma=6.0):
 #     return math.exp(-((candidate_length - reference_length) ** 2) / (2 * sigma**2))
 # ```
 #
 # </details>
 
 # %%
-def length_penalty(candidate_length, reference_length, sigma=6.0):
+def cider_length_penalty(candidate_length, reference_length, sigma=6.0):  # not the parameter length_penalty
     raise NotImplementedError  # your code: the Gaussian of the length difference
 
 
-check("length_penalty", length_penalty)
+check("length_penalty", cider_length_penalty)
 
 # %% [markdown]
 # **Write it yourself: the IDF of an n-gram.** In the box above, an n-gram's TF-IDF weight is its count times
