@@ -401,6 +401,9 @@ def _child_main(spec_file: str) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 -- one line for the parent to show
         text = str(e) if isinstance(e, WorkbookError) else f"{spec['name']}.ipynb: {type(e).__name__}: {e}"
+        log = kernel_log(Path(spec["target"]).with_suffix(".stacks.txt"))
+        if not isinstance(e, WorkbookError) and log.is_file() and log.stat().st_size:  # e.g. a kernel that never
+            text += f"; the kernel's own output: {log}"  # started: why it did not is in its log
         Path(spec["error_file"]).write_text(" ".join(text.split()))
         return 1
     return 0

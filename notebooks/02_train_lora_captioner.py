@@ -198,10 +198,12 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 # run's own adapter after that same epoch: compare the attempts with that row, not with the finished run.
 
 # %%
-final = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
-                         no_repeat_ngram_size=P.no_repeat_ngram_size)
+final = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens,
+                            length_penalty=P.length_penalty, no_repeat_ngram_size=P.no_repeat_ngram_size)
 val_features = extract_features(encoder_model, transform, val_records, cfg.encoder, device=device)
-model.cpu(), torch.cuda.empty_cache()  # its adapter is on disk: the card's memory goes to the beam search
+# the card's memory goes to the beam search: the training step's compiled CUDA graphs are let go, the trained model
+# (its adapter is on disk) and the encoder (the features are computed; extract_features moves it back) leave it
+torch.compiler.reset(), model.cpu(), encoder_model.cpu(), torch.cuda.empty_cache()
 
 
 def score(adapter: Path):  # the whole val split, decoded as notebook 03 decodes

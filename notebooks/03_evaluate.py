@@ -42,7 +42,7 @@ P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outpu
 root, out = run.data_root, run.output_dir
 adapter = run.adapter(P.adapter)
 gen = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens, length_penalty=P.length_penalty,
-                       no_repeat_ngram_size=P.no_repeat_ngram_size)
+                          no_repeat_ngram_size=P.no_repeat_ngram_size)
 
 # %% [markdown]
 # ## Caption the validation images, and score them

@@ -333,11 +333,18 @@ def results(sandbox, tmp_path_factory):
         jobs.append((out, subprocess.Popen([sys.executable, str(ROOT / "tests/cli_batch.py"), str(cases), str(out)],
                                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
     found = {}
-    for out, job in jobs:
-        said = job.communicate(timeout=900)[0].decode(errors="replace")
-        assert job.returncode == 0, said[-3000:]
-        found.update({name: subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
-                      for name, r in json.loads(out.read_text()).items()})
+    try:
+        for out, job in jobs:
+            said = job.communicate(timeout=1800)[0].decode(errors="replace")  # each case is bounded at 600 s
+            assert job.returncode == 0, f"a worker stopped in its last case named here:\n{said[-3000:]}"
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+            found.update({r["name"]: subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
+                          for r in rows})
+    finally:  # whatever happened, no worker outlives the test
+        for _, job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
     return found
 
 
