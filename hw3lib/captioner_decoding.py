@@ -39,15 +39,18 @@ def generate(model, features: torch.Tensor, gen: CaptionerGeneration = Captioner
     return _greedy(model, features, gen, output_attentions) if gen.num_beams == 1 else \
         _beam(model, features, gen, output_attentions)
 
+
 def _prefill(model, features, output_attentions):
     vis = model.visual_tokens(features)
     bos = model.decoder.embed(torch.full((len(features), 1), model.tokenizer.eot_id, device=features.device))
     out = model.decoder(inputs_embeds=torch.cat([vis, bos], 1), output_attentions=output_attentions)
     return out, vis.shape[1]
 
+
 def _visual_attention(out, V: int) -> torch.Tensor:
     """(B, layers, heads, V): the last query's attention over the visual positions, every layer."""
     return torch.stack([a[:, :, -1, :V] for a in out.attentions], 1).float().cpu()
+
 
 def banned_tokens(tokens: list[list[int]], n: int) -> list[list[int]]:
     """Tokens that would repeat an n-gram already in each sequence."""
@@ -61,6 +64,7 @@ def banned_tokens(tokens: list[list[int]], n: int) -> list[list[int]]:
         tail = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
         out.append([seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == tail])
     return out
+
 
 def _greedy(model, features, gen, output_attentions) -> Generated:
     eot = model.tokenizer.eot_id
@@ -81,11 +85,12 @@ def _greedy(model, features, gen, output_attentions) -> Generated:
         if bool(done.all()):
             break
         out = model.decoder(nxt.view(-1, 1), past_key_values=out.past_key_values,
-                           output_attentions=output_attentions)
+                            output_attentions=output_attentions)
         if output_attentions:
             atts.append(_visual_attention(out, V))
     tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
     return _finish(model, tokens, torch.stack(atts, 1) if atts else None)
+
 
 def _beam(model, features, gen, output_attentions) -> Generated:
     eot, K = model.tokenizer.eot_id, gen.num_beams
@@ -132,6 +137,7 @@ def _beam(model, features, gen, output_attentions) -> Generated:
     if att_hist is not None:
         att = [att_hist[b, : len(tokens[i])] for i, b in enumerate(best)]
     return _finish(model, tokens, att)
+
 
 def _finish(model, tokens: list[list[int]], att) -> Generated:
     eot = model.tokenizer.eot_id

@@ -165,7 +165,7 @@ def _gen(args):
     from .captioner import CaptionerGeneration
 
     return CaptionerGeneration(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                               length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
 
 
 def _cmd_train(args) -> int:
