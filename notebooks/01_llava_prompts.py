@@ -60,8 +60,8 @@ from IPython.display import Markdown, display
 from hw3lib import viz
 from hw3lib.data import hw3_split, load_image
 from hw3lib.demo.world import world_scores
-from hw3lib.llava import (LlavaGeneration, LlavaLoad, best_setting, build_prompt, image_token_span, sweep,
-                          sweep_findings, sweep_summary)
+from hw3lib.llava import (LlavaGeneration, LlavaLoad, best_on_all, best_setting, build_prompt, image_token_span,
+                          sweep, sweep_findings, sweep_summary)
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
 
@@ -189,14 +189,14 @@ for rec in shown:
 # Chosen by CIDEr (the course's primary metric); its predictions become `p1_predictions.json`, the file the course's
 # `hw3_1.sh` must produce, and its settings are recorded for the attention notebook. With `llava_sweep_images` the
 # settings compete on the first N images only (the 12 and 24 GB configs: ten settings on all 500 images take long on
-# such a card), and the winner then captions every image: its scores on all of them are the ones recorded.
+# such a card), and the winner then captions the other images too (its captions of the first N, made under the same
+# settings, are kept): its scores on all of them are the ones recorded.
 
 # %%
 best = best_setting(rows)
-if len(compared) < len(records):  # compared on fewer images: the best setting now captions every one of them
-    name, gen = best["instruction_name"], best["generation"]
-    [best] = sweep(model, processor, records, {name: P.llava_instructions[name]}, {gen: generations[gen]},
-                   out / "p1-best", references, **how)
+if len(compared) < len(records):  # compared on fewer images: the best now captions the others too (keeping its own)
+    best = best_on_all(best, model, processor, records, P.llava_instructions, generations, out / "p1-best",
+                       references, **how)
 summary = {**sweep_summary(rows, P.llava_model, len(compared), best, len(records)),
            "first_sentence": P.llava_first_sentence}
 shutil.copyfile(best["predictions"], out / "p1_predictions.json")

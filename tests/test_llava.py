@@ -1,5 +1,6 @@
 """hw3lib.llava on the committed LLaVA stand-in (a real LlavaForConditionalGeneration + processor)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,37 @@ def test_sweep_findings_quote_the_rows_at_either_end():
     assert "CIDEr runs from 0.500 (*a*) to 1.250 (*b*)" in text and "CLIPScore from 1.500 (*b*) to 2.500 (*c*)" in text
     assert "(*b*, 30.0 words on average) score CIDEr 1.250" in text
     assert f"Best by CIDEr: *{sweep_summary(rows, 'm', 3)['best']['instruction']}* with greedy." in text
+
+
+def test_the_best_of_a_sweep_on_fewer_images_captions_only_the_others(llava, models_dir, p1_records, tmp_path,
+                                                                       monkeypatch):
+    """llava_sweep_images: the settings compete on the first 3 images; the best then captions all 7, keeping its
+    captions of the 3 (made under the same settings) and captioning the 4 others; a second call captions none."""
+    from hw3lib.llava import LlavaLoad, best_on_all, best_setting, sweep
+    from hw3lib.llava import captioning
+
+    model, processor = llava
+    records, gens = p1_records[:7], {"greedy": LlavaGeneration(max_new_tokens=8)}
+    instructions = {"one": "Describe this image in one sentence.", "few": "Describe the image in a few words."}
+    refs = {r.file_id: list(r.references) or ["a shape"] for r in records}
+    how = dict(batch_size=2, load=LlavaLoad(model=str(models_dir / "llava")), progress=False)
+    rows = sweep(model, processor, records[:3], instructions, gens, tmp_path / "p1", refs, **how)
+    best = best_setting(rows)
+    compared = json.loads(Path(best["predictions"]).read_text())
+    captioned, real = [], captioning.caption_records
+
+    def counted(model, processor, todo, *args, **kwargs):
+        captioned.extend(r.file_id for r in todo)
+        return real(model, processor, todo, *args, **kwargs)
+
+    monkeypatch.setattr(captioning, "caption_records", counted)
+    row = best_on_all(best, model, processor, records, instructions, gens, tmp_path / "p1-best", refs, **how)
+    assert captioned == [r.file_id for r in records[3:]]
+    predictions = json.loads(Path(row["predictions"]).read_text())
+    assert list(predictions) == [r.file_id for r in records]
+    assert {k: predictions[k] for k in compared} == compared
+    assert row["instruction_name"] == best["instruction_name"] and row["settings"]["images"] == list(predictions)
+    assert not list((tmp_path / "p1-best").glob("*.partial*"))
+    captioned.clear()
+    assert best_on_all(best, model, processor, records, instructions, gens, tmp_path / "p1-best", refs, **how) == row
+    assert captioned == []

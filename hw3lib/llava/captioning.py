@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataError, ImageDataset, Record, list_images, write_json_atomic
+from ..data import DataError, ImageDataset, Record, atomic_path, list_images, write_json_atomic
 from .decoding import generate
 from .loading import device_of, model_key
 from .settings import DEFAULT_INSTRUCTION, LlavaGeneration, build_prompt, postprocess
@@ -148,8 +148,7 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
     dist = current()
     records = list_images(images) if isinstance(images, (str, Path)) else list(images)
     out_json = Path(out_json)
-    settings = {"model": model_key(model_name), "instruction": instruction, "generation": asdict(generation),
-                "first_sentence": first_sentence}
+    settings = caption_settings(model_name, instruction, generation, first_sentence)
     done = None
     if dist.main:  # only the main process reads (and, for other settings, deletes) what an interrupted run left
         done = {}
@@ -192,6 +191,23 @@ def caption_folder(model, processor, images: str | Path | list[Record], out_json
             path.unlink()
     dist.barrier()
     return CaptionRun(captions, reused=len(done), computed=len(new), seconds=time.time() - t0, settings=settings)
+
+
+def caption_settings(model_name: str, instruction: str, generation: LlavaGeneration, first_sentence: bool) -> dict:
+    """What makes two captionings of an image the same: a partial file is resumed only under these settings."""
+    return {"model": model_key(model_name), "instruction": instruction, "generation": asdict(generation),
+            "first_sentence": first_sentence}
+
+
+def seed_partial(out_json: str | Path, settings: dict, captions: dict[str, str]) -> Path:
+    """Hand :func:`caption_folder` into ``out_json`` captions already made under the same ``settings``
+    (:func:`caption_settings`) elsewhere, e.g. by a sweep over fewer images: it takes them as done, as it takes
+    those of an interrupted run of its own. Written atomically as one more partial file."""
+    path = Path(out_json).with_name(Path(out_json).name + ".partial.seed.jsonl")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"settings": settings}) + "\n" + "".join(
+            json.dumps({"file_id": k, "caption": v}) + "\n" for k, v in captions.items()), encoding="utf-8")
+    return path
 
 
 def partial_files(out_json: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Record, write_json_atomic
-from .captioning import CaptionRun, caption_folder
+from .captioning import CaptionRun, caption_folder, caption_settings, seed_partial
 from .loading import LlavaLoad
 from .settings import LlavaGeneration
 
@@ -172,6 +172,28 @@ def main(spec_path: str) -> int:
 def best_setting(rows: list[dict]) -> dict:
     """The row with the highest CIDEr, the course's primary metric."""
     return max(rows, key=lambda r: r["cider"])
+
+
+def best_on_all(best: dict, model, processor, records: list[Record], instructions: dict[str, str],
+                generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
+                **how) -> dict:
+    """The row of ``best``, a setting that a :func:`sweep` compared on the first images of ``records`` only, for all
+    of ``records``: a sweep of that one setting into ``out_dir``, which keeps the captions ``best`` already made
+    (the same model, instruction, generation and first-sentence rule) and captions only the other images.
+    ``how``: :func:`sweep`'s keyword arguments."""
+    name, gen = best["instruction_name"], best["generation"]
+    load = how.get("load") or LlavaLoad()
+    [s] = plan(records, {name: instructions[name]}, {gen: generations[gen]}, out_dir, load,
+               how.get("first_sentence", False))
+    same = {k: v for k, v in best["settings"].items() if k != "images"} == \
+        {k: v for k, v in s.settings.items() if k != "images"}
+    if same and s.finished_row() is None and Path(best["predictions"]).is_file():
+        made = json.loads(Path(best["predictions"]).read_text())
+        seed_partial(s.predictions, caption_settings(load.model, s.instruction, s.generation, s.settings[
+            "first_sentence"]), {r.file_id: made[r.file_id] for r in records if r.file_id in made})
+    [row] = sweep(model, processor, records, {name: instructions[name]}, {gen: generations[gen]}, out_dir,
+                  references, **how)
+    return row
 
 
 def sweep_summary(rows: list[dict], model_name: str, num_images: int, best: dict | None = None,
