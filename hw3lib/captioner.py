@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DataError, ImageDataset, Record, atomic_path, list_images, read_json
+from .data import DataError, Record, atomic_path, list_images, read_json
 from .captioner_decoding import CaptionerGeneration, Generated, generate
 from .decoder import Decoder, LoraConfig
 from .tokenizer import BPETokenizer
@@ -350,19 +350,24 @@ def course_files(data_root: str | Path) -> dict[str, str]:
 
 @torch.no_grad()
 def extract_features(encoder, transform, records: list[Record], enc_cfg, batch_size: int = 64, device="cpu",
-                     num_workers: int = 0, desc: str = "encoder features") -> torch.Tensor:
+                     num_workers: int | None = None, desc: str = "encoder features") -> torch.Tensor:
     """Run the frozen encoder once over ``records``: (N, V, D) features in float16 on the CPU.
 
-    Each batch is written into one tensor allocated at the first batch: no list of batches and no concatenation,
-    which would hold the features twice (10,000 images at ViT-L/14 are 5.3 GB in float16)."""
-    loader = torch.utils.data.DataLoader(ImageDataset(records, transform), batch_size=batch_size,
-                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    The images come from :func:`hw3lib.image_batches.image_batches`: on a GPU, ``num_workers`` threads (None: up to
+    16) decode the JPEGs ahead and the GPU resizes them as Pillow does, the same pixels as ``transform``. Each batch
+    is written into one tensor allocated at the first batch: no list of batches and no concatenation, which would
+    hold the features twice (10,000 images at ViT-L/14 are 5.3 GB in float16)."""
+    from .image_batches import default_workers, image_batches
+
+    device = torch.device(device)
+    workers = default_workers(device) if num_workers is None else num_workers
     encoder.to(device).eval()
     out, filled = None, 0
-    with tqdm(loader, desc=desc, leave=False) as bar:
-        for pixel_values, _ in bar:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-                batch = encode_images(encoder, pixel_values.to(device, non_blocking=True), enc_cfg).half()
+    batches = image_batches(records, transform, batch_size, device, num_workers=workers)
+    with tqdm(batches, desc=desc, total=-(-len(records) // batch_size), leave=False) as bar:
+        for pixel_values in bar:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                batch = encode_images(encoder, pixel_values, enc_cfg).half()
             if out is None:
                 out = torch.empty((len(records), *batch.shape[1:]), dtype=torch.float16)
             out[filled : filled + len(batch)].copy_(batch)
@@ -384,7 +389,7 @@ def caption_features(model: Captioner, features: torch.Tensor, gen: CaptionerGen
 @torch.no_grad()
 def caption_images(model: Captioner, encoder, transform, images_dir: str | Path,
                    gen: CaptionerGeneration = CaptionerGeneration(), batch_size: int = 64, device: str | None = None,
-                   num_workers: int = 0) -> dict[str, str]:
+                   num_workers: int | None = None) -> dict[str, str]:
     """``{file id: caption}`` for every image of a folder (what the course's hw3_2.sh writes)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = list_images(images_dir)

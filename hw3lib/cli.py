@@ -428,7 +428,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="val images captioned each epoch (default: all)")
         t.add_argument("--feature-cache", choices=["memory", "disk", "off"], default=tc.feature_cache)
         t.add_argument("--num-workers", type=COUNT, default=tc.num_workers,
-                       help="image-decoding workers (default: 4 on a GPU, 0 on the CPU)")
+                       help="threads decoding images for the features (default: up to 16 on a GPU, 0 on the CPU)")
         t.add_argument("--no-compile", action="store_true",
                        help="train eagerly on a GPU (default there: the step compiled with torch.compile)")
         t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")

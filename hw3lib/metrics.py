@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import pil_resize
-from .data import DataError, ImageDataset, Record, check_keys, load_annotations, load_image, read_predictions
+from .data import DataError, Record, check_keys, load_annotations, read_predictions
+from .image_batches import default_workers, image_batches
 from .cider import cider, cider_in_background, java_available, java_ptb_tokenize, tokenize  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------- CLIPScore
@@ -71,73 +70,19 @@ class ClipScorer:
         half = cfg.precision == "fp16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.dtype = torch.float16 if half else torch.float32
         self.model = model.eval().to(self.device, self.dtype)
-        self.num_workers = cfg.num_workers if cfg.num_workers is not None else \
-            (min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.device)
         self.preprocess = preprocess
         # resize and crop on the GPU (hw3lib.pil_resize, Pillow's integers) instead of in the decoding threads
         self.resize_on_device = self.device.type == "cuda"
         self.tokenizer = open_clip.get_tokenizer(name)
 
     def image_batches(self, records: list[Record]):
-        """Preprocessed image batches in record order, on the model's device in its dtype.
-
-        With ``num_workers`` > 0, threads decode, resize and crop a few batches ahead (Pillow releases the GIL
-        there; threads start at once, where worker processes take a second to start and pickle every tensor back).
-        They hand over uint8 pixels; ``ToTensor`` and ``Normalize`` (the same float operations) then run on the
-        device, so that no thread runs torch kernels, whose own thread pools would fight over the cores. On a GPU
-        the threads only decode: the resize and the crop, most of the CPU time, run on the GPU with Pillow's
-        integer arithmetic (:mod:`hw3lib.pil_resize`, bit-equal). Decoding
-        starts on the call, not on the first ``next``, so the caller can encode the captions meanwhile."""
-        dataset, bs = ImageDataset(records, self.preprocess), self.cfg.batch_size
-        starts = range(0, len(records), bs)
-
-        def ready(x: torch.Tensor) -> torch.Tensor:
-            return x.to(self.device, self.dtype, non_blocking=True)
-
-        if self.num_workers <= 0:
-            return (ready(torch.stack([dataset[i][0] for i in range(s, min(s + bs, len(records)))])) for s in starts)
-        from concurrent.futures import ThreadPoolExecutor
-
-        split = _split_preprocess(self.preprocess)
-        on_device = _device_resize(split[0]) if split is not None and self.resize_on_device else None
-        if split is None:  # not open_clip's usual transform: the whole of it in the threads
-            def load(i):
-                return dataset[i][0]
-        else:
-            on_host, mean, std = split
-            mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device)[:, None, None] for v in (mean, std))
-
-            def load(i):
-                if on_device:  # decoded here, resized and cropped on the GPU (bit-equal to Pillow's)
-                    return pil_resize.decode_rgb(records[i].image_path)
-                return torch.from_numpy(np.array(on_host(load_image(records[i].image_path))))
-
-        def finish(items):
-            if split is None:
-                return ready(torch.stack(items))
-            if on_device:
-                pixels = pil_resize.group_resize_center_crop(items, *on_device, self.device)
-            else:
-                pixels = torch.stack(items).to(self.device, non_blocking=True)  # (B, H, W, 3) uint8
-            x = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)  # ToTensor
-            return x.sub_(mean).div_(std).to(self.dtype)  # Normalize
-
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
-        ahead = max(2, 2 * self.num_workers // bs + 2)  # batches in flight
-        pending = [[pool.submit(load, i) for i in range(s, min(s + bs, len(records)))] for s in starts[:ahead]]
-
-        def batches():
-            try:
-                for n in range(len(starts)):
-                    if n + ahead < len(starts):
-                        s = starts[n + ahead]
-                        pending.append([pool.submit(load, i) for i in range(s, min(s + bs, len(records)))])
-                    yield finish([f.result() for f in pending[n]])
-                    pending[n] = None
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-        return batches()
+        """Preprocessed image batches in record order, on the model's device in its dtype: decoded ahead in
+        ``num_workers`` threads, and on a GPU resized and cropped there with Pillow's integer arithmetic
+        (:mod:`hw3lib.image_batches`). Decoding starts on the call, so the caller can encode the captions
+        meanwhile."""
+        return image_batches(records, self.preprocess, self.cfg.batch_size, self.device, self.dtype, self.num_workers,
+                             self.resize_on_device)
 
     @torch.no_grad()
     def embed_images(self, records: list[Record], batches=None) -> torch.Tensor:
@@ -171,39 +116,6 @@ class ClipScorer:
         texts = self.embed_texts(captions)
         cos = (self.embed_images(records, batches) * texts).sum(-1)
         return (2.5 * cos.clamp(min=0)).cpu().numpy()
-
-
-def _device_resize(on_host) -> tuple[int, int] | None:
-    """``(size, crop)`` when ``on_host`` is ``Resize(size, bicubic)`` + ``CenterCrop(crop)`` (+ open_clip's RGB
-    conversion, a no-op on our RGB images), which :mod:`hw3lib.pil_resize` computes on the GPU as Pillow does."""
-    from torchvision import transforms as T
-
-    steps = list(getattr(on_host, "transforms", []))
-    if steps and type(steps[-1]).__name__ == "MaybeConvertMode" and getattr(steps[-1], "mode", None) == "RGB":
-        steps = steps[:-1]
-    if len(steps) != 2 or type(steps[0]) is not T.Resize or type(steps[1]) is not T.CenterCrop:
-        return None
-    resize, crop = steps
-    size = resize.size[0] if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1 else resize.size
-    if not isinstance(size, int) or resize.max_size is not None or \
-            resize.interpolation != T.InterpolationMode.BICUBIC or len(set(crop.size)) != 1:
-        return None
-    try:
-        pil_resize.pillow_orders_passes()
-    except RuntimeError:
-        return None
-    return size, crop.size[0]
-
-
-def _split_preprocess(preprocess):
-    """``(pil_steps, mean, std)`` when ``preprocess`` is open_clip's usual ``Compose([..., ToTensor(),
-    Normalize(mean, std)])``, else None."""
-    from torchvision import transforms as T
-
-    steps = getattr(preprocess, "transforms", None)
-    if not steps or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or type(steps[-1]) is not T.Normalize:
-        return None
-    return T.Compose(steps[:-2]), tuple(steps[-1].mean), tuple(steps[-1].std)
 
 
 def clip_score(scorer: ClipScorer, predictions: dict[str, str], image_dir: str | Path,

@@ -48,7 +48,7 @@ class TrainConfig:
     eval_batch_size: int = 64  # images per generate() call
     seed: int = 0  # data order, dropout, caption draws
     feature_cache: str = "memory"  # "memory", "disk" (out_dir/features-*.pt) or "off" (encoder every step)
-    num_workers: int | None = None  # image-decoding workers for feature extraction; None: 4 on a GPU, 0 on the CPU
+    num_workers: int | None = None  # threads decoding images for the features; None: up to 16 on a GPU, 0 on the CPU
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     deterministic: bool = True  # CPU: deterministic kernels (index_add's threads otherwise sum in any order), so the
     # same seed gives bit-identical tensors; CUDA keeps its fast kernels
@@ -80,7 +80,7 @@ _FEATURES: dict = {}  # (records and encoder config, encoder) -> features: the v
 
 def cached_features(encoder, transform, records, enc_cfg, cfg: TrainConfig, out_dir: Path, device) -> torch.Tensor:
     """Features from the disk cache when ``feature_cache == "disk"`` and it matches, else freshly extracted."""
-    workers = cfg.num_workers if cfg.num_workers is not None else (4 if torch.device(device).type == "cuda" else 0)
+    workers = cfg.num_workers  # None: extract_features' default (decoding threads on a GPU)
     key = hashlib.sha1(json.dumps([asdict(enc_cfg), [str(r.image_path) for r in records]]).encode()).hexdigest()[:16]
     if cfg.feature_cache != "disk":  # memory: runs in one process with the same encoder share one extraction
         memo_key = (key, id(encoder))

@@ -7,6 +7,7 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 import hw3lib.cider as cider_module
+import hw3lib.image_batches as image_batches
 import hw3lib.metrics as metrics
 from hw3lib.data import DataError, load_image, load_split
 from hw3lib.metrics import auc, cider, clip_score, evaluate
@@ -101,10 +102,10 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
     monkeypatch.setattr(clip_scorer.cfg, "batch_size", 7)
     serial = clip_scorer.score_pairs(val, captions)
     monkeypatch.setattr(clip_scorer, "num_workers", 3)
-    assert metrics._split_preprocess(clip_scorer.preprocess) is not None  # uint8 pixels, normalised on the device
+    assert image_batches.split_preprocess(clip_scorer.preprocess) is not None  # uint8 pixels, normalised on the device
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     # the GPU's path on the CPU: threads only decode, hw3lib.pil_resize resizes and crops (Pillow's integers)
-    assert metrics._device_resize(metrics._split_preprocess(clip_scorer.preprocess)[0]) is not None
+    assert image_batches.device_resize(image_batches.split_preprocess(clip_scorer.preprocess)[0]) is not None
     monkeypatch.setattr(clip_scorer, "resize_on_device", True)
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     broken = list(val[:20])

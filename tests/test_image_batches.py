@@ -1,0 +1,74 @@
+"""hw3lib.image_batches: the threaded and the on-device paths give the serial path's tensors, bit for bit."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hw3lib.data import DataError, Record
+from hw3lib.image_batches import device_resize, image_batches, split_preprocess
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """COCO-like JPEGs: landscape, portrait, odd sizes, one grey, one progressive, one PNG."""
+    folder, rng = tmp_path_factory.mktemp("jpegs"), np.random.default_rng(0)
+    records = []
+    for n, (h, w, kind) in enumerate([(480, 640, "RGB"), (640, 427, "RGB"), (375, 500, "L"), (333, 500, "RGB"),
+                                      (480, 640, "RGB"), (612, 612, "progressive"), (240, 320, "png"),
+                                      (427, 640, "RGB")]):
+        smooth = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(smooth).resize((w, h), Image.BILINEAR)
+        path = folder / f"{n:012d}.{'png' if kind == 'png' else 'jpg'}"
+        if kind == "png":
+            image.save(path)
+        else:
+            image = image.convert("L") if kind == "L" else image
+            image.save(path, quality=90, progressive=kind == "progressive")
+        records.append(Record(path, path.stem, ()))
+    return records
+
+
+def _vit_l14_transform():
+    """The course-size encoder's preprocessing (vit_large_patch14_clip_224.openai_ft_in12k_in1k), no weights."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg("vit_large_patch14_clip_224.openai_ft_in12k_in1k").to_dict()
+    return create_transform(**resolve_data_config(pretrained_cfg=cfg), is_training=False)
+
+
+def test_threads_and_the_device_resize_give_the_serial_tensors(jpegs):
+    transform = _vit_l14_transform()
+    assert split_preprocess(transform) is not None and device_resize(split_preprocess(transform)[0]) == (224, 224)
+    serial = torch.cat(list(image_batches(jpegs, transform, 3, "cpu")))
+    assert serial.shape == (len(jpegs), 3, 224, 224)
+    assert torch.equal(serial, torch.stack([transform(Image.open(r.image_path).convert("RGB")) for r in jpegs]))
+    for resize_on_device in (False, True):  # True: the GPU's path, here on the CPU
+        threaded = list(image_batches(jpegs, transform, 3, "cpu", num_workers=2, resize_on_device=resize_on_device))
+        assert [len(b) for b in threaded] == [3, 3, 2] and all(b.is_contiguous() for b in threaded)
+        assert torch.equal(torch.cat(threaded), serial), resize_on_device
+
+
+def test_another_transform_runs_whole_in_the_threads_and_a_bad_file_is_named(jpegs, tmp_path):
+    from torchvision import transforms as T
+
+    odd = T.Compose([T.Resize((50, 70)), T.ToTensor()])  # no Normalize: not the usual form
+    assert split_preprocess(odd) is None
+    assert torch.equal(torch.cat(list(image_batches(jpegs, odd, 4, "cpu", num_workers=2))),
+                       torch.cat(list(image_batches(jpegs, odd, 4, "cpu"))))
+    bad = tmp_path / "000000000099.jpg"
+    bad.write_bytes(jpegs[0].image_path.read_bytes()[:300])
+    broken = [*jpegs[:5], Record(bad, bad.stem, ())]
+    with pytest.raises(DataError, match="000000000099.jpg: corrupt or truncated"):
+        list(image_batches(broken, _vit_l14_transform(), 4, "cpu", num_workers=2, resize_on_device=True))
+
+
+def test_extract_features_in_threads_equals_the_serial_features(jpegs, models_dir):
+    from hw3lib.captioner import EncoderConfig, create_encoder, extract_features
+
+    cfg = EncoderConfig(name=str(models_dir / "vit"), pool=2)
+    encoder, transform = create_encoder(cfg)
+    serial = extract_features(encoder, transform, jpegs, cfg, batch_size=3, num_workers=0)
+    threaded = extract_features(encoder, transform, jpegs, cfg, batch_size=3, num_workers=2)
+    assert serial.dtype == torch.float16 and serial.shape[0] == len(jpegs)
+    assert torch.equal(serial, threaded)
