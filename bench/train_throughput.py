@@ -77,8 +77,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="captions per step (the uncached probes)")
     ap.add_argument("--cache-batch-sizes", type=int, nargs="+", default=[64, 256],
                     help="captions per step for the cached epoch, one full epoch each")
-    ap.add_argument("--compile-runs", nargs="+", default=["off", "on", "on"], choices=["off", "on"],
-                    help="the cached epoch once per entry, with the compiled step on or off (TrainConfig.compile); "
+    ap.add_argument("--compile-runs", nargs="+", default=["off", "on", "on"], choices=["off", "on", "blocks"],
+                    help="the cached epoch once per entry, with the compiled step on or off (TrainConfig.compile), "
+                         "or only the decoder's blocks compiled (compile_scope 'blocks'); "
                          "the first 'on' compiles, a later one finds the compiled code in inductor's cache")
     ap.add_argument("--skip-probes", action="store_true", help="only the cached epochs")
     ap.add_argument("--workers", type=int, default=12)
@@ -139,7 +140,8 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             tcfg = TrainConfig(num_epochs=1, batch_size=bs, eval_images=args.val_images, feature_cache="memory",
-                               num_workers=args.workers, eval_batch_size=128, compile=mode == "on")
+                               num_workers=args.workers, eval_batch_size=128, compile=mode != "off",
+                               compile_scope="blocks" if mode == "blocks" else "step")
             steps = []
             t0 = time.time()
             logs = []

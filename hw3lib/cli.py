@@ -193,7 +193,7 @@ def _cmd_train(args) -> int:
     tcfg = TrainConfig(num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        captions_per_image=args.captions_per_image, eval_images=args.eval_images or 0,
                        feature_cache=args.feature_cache, num_workers=args.num_workers, seed=args.seed,
-                       compile=False if args.no_compile else None)
+                       compile=False if args.no_compile else None, compile_scope=args.compile_scope)
     gen = _gen(args)
     if not args.no_resume:
         check_run_folder(out, cfg, tcfg, train_recs, val_recs, gen, overwrite=args.overwrite)
@@ -431,6 +431,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="threads decoding images for the features (default: up to 16 on a GPU, 0 on the CPU)")
         t.add_argument("--no-compile", action="store_true",
                        help="train eagerly on a GPU (default there: the step compiled with torch.compile)")
+        t.add_argument("--compile-scope", choices=["step", "blocks"], default=tc.compile_scope,
+                       help="what torch.compile compiles: the whole step, or one decoder block shared by all "
+                            "(a shorter compile)")
         t.add_argument("--max-train-images", type=POSITIVE, default=None, help="use only the first N training images")
         t.add_argument("--clip-model", default="", help="CLIP for validation CLIPScore ('' = CIDEr only)")
         t.add_argument("--clip-pretrained", default="")

@@ -126,6 +126,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), present, att
 
 
+def call_block(block: Block, x: torch.Tensor, past=None, output_attentions: bool = False):
+    """``block(x, past, output_attentions)``; compiled once, it serves every block of the same shapes (the code and
+    the shapes are the same; the weights are the compiled function's inputs)."""
+    return block(x, past, output_attentions)
+
+
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # (B, T, vocab); the last hidden states (B, T, C) when called with logits=False
@@ -153,6 +159,9 @@ class Decoder(nn.Module):
         self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, "lm_head", lora, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         self.apply(self._init_weights)
+        # how forward runs a block: None calls it (call_block); training may set a compiled call_block for the
+        # duration of a step (hw3lib.train, compile_scope "blocks"): one compiled block serves all of them
+        self.block_call = None
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:  # GPT-2's init; LoRA's own (B = 0) is restored below
@@ -184,8 +193,10 @@ class Decoder(nn.Module):
             raise ValueError(f"position {last} is past block_size {self.cfg.block_size}")
         x = F.dropout(x + self.transformer.wpe(pos), self.cfg.dropout, self.training)
         presents, attentions = [], [] if output_attentions else None
+        call = self.block_call or call_block
         for i, block in enumerate(self.transformer.h):
-            x, present, att = block(x, None if past_key_values is None else past_key_values[i], output_attentions)
+            x, present, att = call(block, x, None if past_key_values is None else past_key_values[i],
+                                   output_attentions)
             presents.append(present)
             if output_attentions:
                 attentions.append(att)

@@ -56,6 +56,10 @@ class TrainConfig:
     # is thousands of small kernels (LoRA on every linear); compiled, they are fused, and on CUDA replayed as CUDA
     # graphs ("reduce-overhead") without Python. Every step is padded to the largest, so it compiles once. Speed
     # only: not part of the run's identity, so a run may resume with it on or off
+    compile_scope: str = "step"  # "step": the whole loss is one graph (the fastest steps, the longest compile);
+    # "blocks": one decoder block is compiled, and serves the 12 blocks and every later run whose blocks have the
+    # same shapes (notebook 02's ablation reuses the main run's): a third of the compile time on the CPU
+    # (docs/benchmarks.md). Speed only, like compile
 
 
 @dataclass
@@ -142,6 +146,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     model.to(device)
     if cfg.feature_cache not in ("memory", "disk", "off"):
         raise ValueError(f"feature_cache must be 'memory', 'disk' or 'off', got {cfg.feature_cache!r}")
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {cfg.compile_scope!r}")
     stop = cfg.stop_after or cfg.num_epochs
     if not 0 < stop <= cfg.num_epochs or any(not 0 < k <= stop for k in cfg.keep_epochs):
         raise ValueError(f"stop_after ({cfg.stop_after}) and keep_epochs ({list(cfg.keep_epochs)}) must lie within "
@@ -190,7 +196,8 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
     amp = cfg.amp and device.type == "cuda"
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
     step_loss = caption_loss(model, amp, step_sizes(plan, tokens) if compiled else None,
-                             "reduce-overhead" if device.type == "cuda" else None)  # CUDA graphs where there are
+                             "reduce-overhead" if device.type == "cuda" else None,  # CUDA graphs where there are
+                             cfg.compile_scope)
     with _block_weights_in_bf16(model, amp), _deterministic(cfg.deterministic and device.type == "cpu"):
         for epoch in range(start_epoch, stop):
             t0 = time.time()
@@ -269,15 +276,19 @@ def train(model: Captioner, encoder, transform, train_records: list[Record], val
                        {k: path for k, path in kept.items() if path.is_file()})
 
 
+COMPILE_SCOPES = ("step", "blocks")
+
+
 def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, scope: str = "step"):
     """``loss(features, image_index, input_ids, targets)``: :meth:`Captioner.forward_shared`'s loss, under bf16
     autocast when ``amp``.
 
     With ``pad_to = (images, captions, tokens)`` it goes through ``torch.compile`` (forward and backward), and every
     step is first padded to those sizes: one shape, so one compile. The padding changes nothing in the loss: the
     extra images are never indexed, and the extra captions and positions have no targets (-100), which the mean
-    skips."""
+    skips. ``scope`` (:data:`COMPILE_SCOPES`): the whole loss, or only the decoder's blocks, through one compiled
+    :func:`hw3lib.decoder.call_block` set on the decoder for the duration of the step."""
     def loss(features, image_index, input_ids, targets):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             return model.forward_shared(features, image_index, input_ids, targets).loss
@@ -285,7 +296,17 @@ def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | Non
     if pad_to is None:
         return loss
     n_images, n_captions, n_tokens = pad_to
-    compiled = torch.compile(loss, mode=mode)  # mode: torch.compile's ("reduce-overhead": CUDA graphs)
+    if scope == "blocks":
+        blocks = _compiled_block_call(mode)
+
+        def compiled(*step):
+            model.decoder.block_call = blocks
+            try:
+                return loss(*step)
+            finally:
+                model.decoder.block_call = None
+    else:
+        compiled = torch.compile(loss, mode=mode)  # mode: torch.compile's ("reduce-overhead": CUDA graphs)
     graphs = mode == "reduce-overhead"
 
     state = {"compiled": True, "first": True}
@@ -317,6 +338,19 @@ def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | Non
     return padded
 
 
+_BLOCK_CALLS: dict = {}
+
+
+def _compiled_block_call(mode: str | None):
+    """One compiled :func:`~hw3lib.decoder.call_block` per mode for the process: the runs of one notebook share its
+    compiled code wherever their blocks have the same shapes."""
+    from .decoder import call_block
+
+    if mode not in _BLOCK_CALLS:
+        _BLOCK_CALLS[mode] = torch.compile(call_block, mode=mode)
+    return _BLOCK_CALLS[mode]
+
+
 def step_sizes(plan: list[list[list[tuple[int, int]]]], tokens: list[list[list[int]]]) -> tuple[int, int, int]:
     """The most images, captions and input tokens (``<eot>`` + caption) of any step in ``plan``."""
     steps = [step for epoch in plan for step in epoch]
@@ -342,7 +376,8 @@ def run_key(model_cfg, cfg: TrainConfig, train_records: list[Record], val_record
             gen: CaptionerGeneration) -> str:
     """What makes two runs the same: a checkpoint is resumed only by the run that wrote it."""
     # not part of it: speed (compile), and where this call stops and what it keeps: the schedule is the same
-    cfg = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "stop_after", "keep_epochs", "validate")}
+    cfg = {k: v for k, v in asdict(cfg).items()
+           if k not in ("compile", "compile_scope", "stop_after", "keep_epochs", "validate")}
     return json.dumps([asdict(model_cfg), cfg, [r.file_id for r in train_records],
                        [r.file_id for r in val_records], asdict(gen)], sort_keys=True, default=str)
 

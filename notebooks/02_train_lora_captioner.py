@@ -35,6 +35,7 @@ max_new_tokens: int = 30  # ...
 length_penalty: float = 1.0  # ...
 no_repeat_ngram_size: int = 0  # ... (a flat config gives both notebooks the same values)
 score_batch_size: int = 64  # val images per beam-search call in those scores (16 on a 12 GB card)
+compile_scope: str = "step"  # torch.compile on a GPU: "step" (the whole step) or "blocks" (one decoder block, shared)
 clip_model: str = "data/demo/models/clip"  # CLIP for validation CLIPScore: open_clip name or folder
 clip_pretrained: str = ""  # open_clip tag ("openai") or file; "" for a folder
 output_dir: str = "outputs/demo"  # set by `hw3 run`
@@ -72,7 +73,8 @@ cfg = CaptionerConfig(
     visual_norm=P.visual_norm, **course_files(root))
 train_cfg, attempt_cfg = attempt_schedule(TrainConfig(num_epochs=P.num_epochs, batch_size=P.batch_size, lr=P.lr,
                                                      captions_per_image=P.captions_per_image,
-                                                     eval_images=P.eval_images, seed=P.seed), P.attempt_epochs)
+                                                     eval_images=P.eval_images, seed=P.seed,
+                                                     compile_scope=P.compile_scope), P.attempt_epochs)
 gen = CaptionerGeneration(num_beams=1)  # greedy for the per-epoch curves (notebook 03 decodes with the final config)
 
 # %% [markdown]

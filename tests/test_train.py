@@ -232,23 +232,32 @@ def test_ctrl_c_stops_training_and_its_workers_and_keeps_the_last_epoch(models_d
 
 def test_compiled_step_gives_the_loss_curve_of_the_eager_step(world, models_dir, tmp_path):
     """TrainConfig.compile: every step padded to the largest and run through torch.compile (forward and backward)
-    trains the same adapter as the eager step, to float rounding. (Without dropout: compiled code draws its own
-    dropout masks, so with dropout the two curves differ as two seeds do.)"""
+    trains the same adapter as the eager step, to float rounding, with the whole step compiled and with the blocks
+    only (compile_scope). (Without dropout: compiled code draws its own dropout masks, so with dropout the two
+    curves differ as two seeds do.)"""
     recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:24]
     val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:2]
     runs = {}
-    for compiled in (False, True):
+    for compiled, scope in ((False, "step"), (True, "step"), (True, "blocks")):
         model, enc, tr = _fresh(world, models_dir, dropout=0.0)
-        cfg = TrainConfig(num_epochs=2, batch_size=8, lr=3e-3, captions_per_image=2, seed=1, compile=compiled)
-        result = train(model, enc, tr, recs, val, cfg, tmp_path / str(compiled), log=lambda *_: None, device="cpu")
-        runs[compiled] = ([row["loss"] for row in result.history], trained_state_dict(model))
-    (eager, eager_state), (fast, fast_state) = runs[False], runs[True]
-    assert fast == pytest.approx(eager, rel=1e-4) and eager[1] < eager[0]
-    for k in eager_state:
-        assert torch.allclose(fast_state[k], eager_state[k], atol=1e-3), k
-    # compile on or off is the same run: it resumes either way
-    on, off = (run_key(model.cfg, replace(cfg, compile=c), recs, val, CaptionerGeneration()) for c in (True, False))
-    assert on == off
+        cfg = TrainConfig(num_epochs=2, batch_size=8, lr=3e-3, captions_per_image=2, seed=1, compile=compiled,
+                          compile_scope=scope)
+        result = train(model, enc, tr, recs, val, cfg, tmp_path / f"{compiled}{scope}", log=lambda *_: None,
+                       device="cpu")
+        runs[compiled, scope] = ([row["loss"] for row in result.history], trained_state_dict(model))
+        assert model.decoder.block_call is None  # validation and later decoding run the blocks eagerly
+    eager, eager_state = runs[False, "step"]
+    assert eager[1] < eager[0]
+    for fast, fast_state in (runs[True, "step"], runs[True, "blocks"]):
+        assert fast == pytest.approx(eager, rel=1e-4)
+        for k in eager_state:
+            assert torch.allclose(fast_state[k], eager_state[k], atol=1e-3), k
+    # compile on or off, whole step or blocks, is the same run: it resumes either way
+    keys = {run_key(model.cfg, replace(cfg, compile=c, compile_scope=s), recs, val, CaptionerGeneration())
+            for c, s in runs}
+    assert len(keys) == 1
+    with pytest.raises(ValueError, match="compile_scope must be one of step, blocks, got 'layers'"):
+        train(model, enc, tr, recs, val, replace(cfg, compile_scope="layers"), tmp_path / "x", device="cpu")
 
 
 def test_a_step_that_cannot_compile_trains_eagerly_with_one_warning(world, models_dir, tmp_path, monkeypatch):
