@@ -9,6 +9,15 @@ prefill alone (a forward pass with ``logits_to_keep=1``), ``generate`` with 1 an
 difference is the decoding), then ``caption_records`` end to end over ``--images`` JPEGs with DataLoader workers,
 and counts the captions equal to the first cache's. ``--profile`` writes torch.profiler's table of one 20-token
 ``generate`` per kernel set.
+
+The small cards' settings: ``--model`` loads saved weights instead (a folder, or a hub id from the Hugging Face
+cache, e.g. the rehearsal's random llava-1.5-7b: ``HF_HOME=REH/hf_home``), ``--load-in-4bit`` quantises its language
+model with bitsandbytes as ``configs/hw3-12gb.yaml`` does, and ``HW3_GPU_CAP_GIB=10.5`` caps PyTorch's allocator as
+on a 12 GB card (:func:`hw3lib.distributed.apply_gpu_cap`). For example, where the 12 GB setting's time goes:
+
+    HF_HOME=REH/hf_home HF_HUB_OFFLINE=1 HW3_GPU_CAP_GIB=10.5 python bench/profile_greedy.py \
+        --model llava-hf/llava-1.5-7b-hf --load-in-4bit --kernels eager --caches dynamic --batch 8 --images 128 \
+        --profile OUT.txt --json OUT.json
 """
 import argparse
 import json
@@ -25,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import hw3lib.llava as llava  # noqa: E402
 from hw3lib.data import list_images, load_image  # noqa: E402
+from hw3lib.distributed import apply_gpu_cap  # noqa: E402
 from hw3lib.rehearsal.weights import random_llava  # noqa: E402
 from llava_throughput import make_images  # noqa: E402
 
@@ -52,13 +62,19 @@ def main() -> None:
                     help="static+graphs: greedy steps replayed from a CUDA graph (hw3lib.llava.decoding)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="")
+    ap.add_argument("--model", default="", help="saved weights (folder or cached hub id); default: random weights")
+    ap.add_argument("--load-in-4bit", action="store_true", help="with --model: bitsandbytes 4-bit language model")
     args = ap.parse_args()
+    cap = apply_gpu_cap()  # HW3_GPU_CAP_GIB: a smaller card
     name = torch.cuda.get_device_name()
-    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    print(f"device: {name}; torch {torch.__version__}; cap {cap} GiB", flush=True)
     tmp = Path(tempfile.mkdtemp())
     make_images(tmp, args.images)
     records = list_images(tmp)
-    model, processor = random_llava(ROOT / "data/demo/models/llava", device="cuda")
+    if args.model:
+        model, processor = llava.load_llava(args.model, "cuda", load_in_4bit=args.load_in_4bit)
+    else:
+        model, processor = random_llava(ROOT / "data/demo/models/llava", device="cuda")
     prompt = llava.build_prompt(processor, llava.DEFAULT_INSTRUCTION)
     enc = processor(images=[load_image(r.image_path) for r in records[: args.batch]],
                     text=[prompt] * args.batch, padding=True, return_tensors="pt")
@@ -66,7 +82,8 @@ def main() -> None:
     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     pad = processor.tokenizer.pad_token_id
     out = {"device": name, "torch": torch.__version__, "batch": args.batch, "images": args.images,
-           "prompt_tokens": enc["input_ids"].shape[1], "runs": []}
+           "prompt_tokens": enc["input_ids"].shape[1], "model": args.model or "random",
+           "load_in_4bit": args.load_in_4bit, "gpu_cap_gib": cap, "runs": []}
     report = []
     captions: dict = {}
     for kernels in args.kernels:
