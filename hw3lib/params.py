@@ -21,18 +21,22 @@ AT_LEAST.update({name: 0 for name in ("seed", "llava_num_images", "llava_sweep_i
                                       "captions_per_image", "max_train_images", "no_repeat_ngram_size",
                                       "pointing_images", "attempt_epochs")})
 ABOVE = {"lr": 0.0}  # strictly
+CHOICES = {"compile_scope": ("step", "blocks")}  # the values a text parameter may take
 
 
 def check(name: str, kind: type, value):
     """``value`` as a ``kind``: ``int`` rejects ``bool``; ``float`` accepts an ``int``; ``str`` accepts an ``int``
     (``-p attention_layer 3`` arrives as the number 3). Raises ``TypeError`` naming the parameter, and
-    ``ValueError`` for a number below its parameter's bound (:data:`AT_LEAST`, :data:`ABOVE`)."""
+    ``ValueError`` for a number below its parameter's bound (:data:`AT_LEAST`, :data:`ABOVE`) or a text that is not
+    one of its parameter's values (:data:`CHOICES`)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif kind is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"parameter {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"parameter {name!r} must be one of {', '.join(CHOICES[name])}, got {value!r}")
     if kind in (int, float):
         if name in AT_LEAST and not value >= AT_LEAST[name]:
             raise ValueError(f"parameter {name!r} must be at least {AT_LEAST[name]}, got {value!r}")

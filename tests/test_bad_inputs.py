@@ -203,6 +203,8 @@ CASES = [
      ["'num_show' must be at least 1", "-5", "00_shapes_world"]),
     ("run-num-show-0", "run -f {s}/all.yaml -p num_show 0", 2, ["'num_show' must be at least 1", "got 0"]),
     ("run-lr-0", "run -f {s}/all.yaml -p lr 0", 2, ["'lr' must be above 0", "02_train_lora_captioner"]),
+    ("run-compile-scope", "run -f {s}/all.yaml -p compile_scope layers", 2,
+     ["'compile_scope' must be one of step, blocks", "'layers'", "02_train_lora_captioner"]),
     # ---------------------------------------------------------------------------------------------- others
     ("demo-data-rebuild-bogus", "demo-data --rebuild bogus", 2, ["--rebuild", "bogus"]),
     ("download-config-missing", "download -f {s}/none.yaml", 2, ["none.yaml"]),
