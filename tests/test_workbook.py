@@ -1,4 +1,5 @@
 import json
+import os
 
 import nbformat
 import pytest
@@ -84,7 +85,7 @@ def test_config_files(tmp_path):
         WorkbookConfig.load(tmp_path / "typo.yaml")
 
 
-def _hw3_run(config, *args, timeout=180):
+def _hw3_run(config, *args, timeout=180, env=None):
     """``hw3 run`` in its own process, as a user runs it: (exit status, stderr, seconds)."""
     import subprocess
     import sys
@@ -92,7 +93,7 @@ def _hw3_run(config, *args, timeout=180):
 
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "hw3lib", "run", "-f", str(config), "--no-html", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     said = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()
             and not line.startswith("Executing:")]  # papermill's progress bar
     return done.returncode, "\n".join(said), time.monotonic() - t0
@@ -112,8 +113,8 @@ def test_a_hung_cell_is_stopped_within_its_bound_with_one_line(tmp_path):
     import psutil
 
     config = _one_notebook_config(tmp_path, "hangs", [(None, "import time\n\ntime.sleep(600)")], cell_timeout=4)
-    before = {p.pid for p in psutil.process_iter()}
-    status, err, seconds = _hw3_run(config)
+    mark = {"HW3_TEST_RUN": str(tmp_path)}  # its kernel inherits it; another test's kernels (a parallel worker) do not
+    status, err, seconds = _hw3_run(config, env={**os.environ, **mark})
     assert status == 1 and seconds < 60, (status, seconds, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -122,9 +123,18 @@ def test_a_hung_cell_is_stopped_within_its_bound_with_one_line(tmp_path):
     stacks = tmp_path / "out/hangs.stacks.txt"
     assert "Current thread" in stacks.read_text() and str(stacks) in err
     assert (tmp_path / "out/hangs.ipynb").is_file()  # the executed notebook, up to the cell that hung
-    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-            and "hw3lib.kernel" in " ".join(p.info["cmdline"] or [])]
+    left = [p for p in psutil.process_iter(["cmdline"]) if "hw3lib.kernel" in " ".join(p.info["cmdline"] or [])
+            and _environ(p).get("HW3_TEST_RUN") == mark["HW3_TEST_RUN"]]
     assert not left  # no kernel left behind
+
+
+def _environ(process) -> dict:
+    import psutil
+
+    try:
+        return process.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # ended meanwhile
+        return {}
 
 
 def test_the_command_line_bound_overrides_the_config(tmp_path):
