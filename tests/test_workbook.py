@@ -104,7 +104,7 @@ def _one_notebook_config(tmp_path, name, cells, **extra):
     nb_dir.mkdir(exist_ok=True)
     _notebook(nb_dir / f"{name}.ipynb", [("parameters", "output_dir = 'x'"), *cells])
     config = tmp_path / "config.yaml"
-    config.write_text("\n".join([f"profile: t", f"output_dir: {tmp_path / 'out'}", "notebooks_dir: nbs",
+    config.write_text("\n".join(["profile: t", f"output_dir: {tmp_path / 'out'}", "notebooks_dir: nbs",
                                  f"notebooks: [{name}]", *(f"{k}: {v}" for k, v in extra.items())]) + "\n")
     return config
 
