@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ClipScorer:
         # resize and crop on the GPU (hw3lib.pil_resize, Pillow's integers) instead of in the decoding threads
         self.resize_on_device = self.device.type == "cuda"
         self.tokenizer = open_clip.get_tokenizer(name)
+        self._embedded: dict[tuple, torch.Tensor] = {}  # image embeddings of recent image lists (score_pairs)
 
     def image_batches(self, records: list[Record]):
         """Preprocessed image batches in record order, on the model's device in its dtype: decoded ahead in
@@ -109,13 +111,32 @@ class ClipScorer:
         return torch.cat(out)
 
     def score_pairs(self, records: list[Record], captions: list[str]) -> np.ndarray:
-        """CLIPScore of each (image, caption) pair: ``2.5 * max(cos, 0)``."""
+        """CLIPScore of each (image, caption) pair: ``2.5 * max(cos, 0)``.
+
+        The image embeddings of the last few image lists are kept (keyed by each file's path, size and modification
+        time): notebook 02 scores the same val images after every epoch and for every row of its attempts table,
+        and only the captions change."""
         if len(records) != len(captions):
             raise ValueError(f"{len(records)} images but {len(captions)} captions")
-        batches = self.image_batches(records)  # decoding starts now, while the captions are encoded
-        texts = self.embed_texts(captions)
-        cos = (self.embed_images(records, batches) * texts).sum(-1)
+        key = _files_key(records)
+        images = self._embedded.get(key) if key is not None else None
+        batches = self.image_batches(records) if images is None else None  # decoding starts now, while the
+        texts = self.embed_texts(captions)  # captions are encoded
+        if images is None:
+            images = self.embed_images(records, batches)
+            if key is not None:
+                self._embedded = {**dict(list(self._embedded.items())[-3:]), key: images}  # the last four lists
+        cos = (images * texts).sum(-1)
         return (2.5 * cos.clamp(min=0)).cpu().numpy()
+
+
+def _files_key(records: list[Record]) -> tuple | None:
+    """What identifies the images of ``records`` on disk, or None when one cannot be read (decoding then names it)."""
+    try:
+        return tuple((str(r.image_path), st.st_size, st.st_mtime_ns) for r in records
+                     for st in (os.stat(r.image_path),))
+    except OSError:
+        return None
 
 
 def clip_score(scorer: ClipScorer, predictions: dict[str, str], image_dir: str | Path,

@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,13 +101,16 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
 
     captions = [r.references[0] for r in val]
     monkeypatch.setattr(clip_scorer.cfg, "batch_size", 7)
+    monkeypatch.setattr(clip_scorer, "_embedded", {})  # each path below embeds the images itself
     serial = clip_scorer.score_pairs(val, captions)
     monkeypatch.setattr(clip_scorer, "num_workers", 3)
     assert image_batches.split_preprocess(clip_scorer.preprocess) is not None  # uint8 pixels, normalised on the device
+    monkeypatch.setattr(clip_scorer, "_embedded", {})
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     # the GPU's path on the CPU: threads only decode, hw3lib.pil_resize resizes and crops (Pillow's integers)
     assert image_batches.device_resize(image_batches.split_preprocess(clip_scorer.preprocess)[0]) is not None
     monkeypatch.setattr(clip_scorer, "resize_on_device", True)
+    monkeypatch.setattr(clip_scorer, "_embedded", {})
     assert np.array_equal(clip_scorer.score_pairs(val, captions), serial)
     broken = list(val[:20])
     bad = tmp_path / broken[9].image_path.name
@@ -115,6 +119,29 @@ def test_clipscore_decoding_threads_give_the_serial_scores_and_name_a_corrupt_im
     broken[9] = replace(broken[9], image_path=bad)
     with pytest.raises(DataError, match=f"{bad.name}: corrupt or truncated"):
         clip_scorer.score_pairs(broken, captions[:20])
+
+
+def test_the_images_of_a_list_scored_before_are_not_decoded_again(val, clip_scorer, tmp_path, monkeypatch):
+    """Notebook 02 scores the same val images after every epoch and for every attempt: the second call with the same
+    files embeds no image (the scores equal a fresh scorer's), a file changed on disk is embedded again."""
+    import os
+    import shutil
+    from dataclasses import replace
+
+    from hw3lib.metrics import ClipScorer
+
+    records = [replace(r, image_path=Path(shutil.copy(r.image_path, tmp_path))) for r in val[:10]]
+    decoded = []
+    real = clip_scorer.image_batches
+    monkeypatch.setattr(clip_scorer, "image_batches", lambda recs: decoded.append(len(recs)) or real(recs))
+    first = clip_scorer.score_pairs(records, [r.references[0] for r in records])
+    again = clip_scorer.score_pairs(records, [r.references[1] for r in records])  # other captions, same images
+    assert decoded == [10]
+    assert np.array_equal(again, ClipScorer(clip_scorer.cfg).score_pairs(records, [r.references[1] for r in records]))
+    assert not np.array_equal(first, again)
+    os.utime(records[3].image_path, ns=(1, 1))  # the file changed (as the disk sees it)
+    clip_scorer.score_pairs(records, [r.references[0] for r in records])
+    assert decoded == [10, 10]
 
 
 def test_clipscore_truncates_long_captions(val, clip_scorer):
