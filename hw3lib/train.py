@@ -296,8 +296,10 @@ def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | Non
     if pad_to is None:
         return loss
     n_images, n_captions, n_tokens = pad_to
-    if scope == "blocks":
-        blocks = _compiled_block_call(mode)
+    if scope == "blocks":  # compiled code is cached by the function's code: later runs reuse it where shapes match
+        from .decoder import call_block
+
+        blocks = torch.compile(call_block, mode=mode)
 
         def compiled(*step):
             model.decoder.block_call = blocks
@@ -336,19 +338,6 @@ def caption_loss(model: Captioner, amp: bool, pad_to: tuple[int, int, int] | Non
             state["first"] = False
 
     return padded
-
-
-_BLOCK_CALLS: dict = {}
-
-
-def _compiled_block_call(mode: str | None):
-    """One compiled :func:`~hw3lib.decoder.call_block` per mode for the process: the runs of one notebook share its
-    compiled code wherever their blocks have the same shapes."""
-    from .decoder import call_block
-
-    if mode not in _BLOCK_CALLS:
-        _BLOCK_CALLS[mode] = torch.compile(call_block, mode=mode)
-    return _BLOCK_CALLS[mode]
 
 
 def step_sizes(plan: list[list[list[tuple[int, int]]]], tokens: list[list[list[int]]]) -> tuple[int, int, int]:
