@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from . import pil_resize
-from .data import ImageDataset, Record, load_image
+from .data import DataError, ImageDataset, Record, load_image
+
+class StalledRead(DataError):
+    """An image file that was not read within ``DECODE_TIMEOUT_S``."""
+
+
+DECODE_TIMEOUT_S = 300.0  # one image's decode; past it the file's read has stalled (a network file system, a bad disk)
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -81,17 +87,32 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
     pending = [[pool.submit(load, i) for i in range(s, min(s + bs, len(records)))] for s in starts[:ahead]]
 
     def batches():
+        stalled = False
         try:
             for n in range(len(starts)):
                 if n + ahead < len(starts):
                     s = starts[n + ahead]
                     pending.append([pool.submit(load, i) for i in range(s, min(s + bs, len(records)))])
-                yield finish([f.result() for f in pending[n]])
+                yield finish([_decoded(f, records[starts[n] + k]) for k, f in enumerate(pending[n])])
                 pending[n] = None
+        except StalledRead:
+            stalled = True
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=not stalled, cancel_futures=True)  # a stalled read's thread is not waited for
 
     return batches()
+
+
+def _decoded(future, record: Record):
+    """A thread's decoded image, waited for at most ``DECODE_TIMEOUT_S`` (every wait has a bound)."""
+    from concurrent.futures import TimeoutError as Timeout
+
+    try:
+        return future.result(timeout=DECODE_TIMEOUT_S)
+    except Timeout:
+        raise StalledRead(f"{record.image_path}: not read after {DECODE_TIMEOUT_S:g} s (a stalled disk or network file "
+                        "system?)") from None
 
 
 def device_resize(on_host) -> tuple[int, int] | None:

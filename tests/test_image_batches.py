@@ -72,3 +72,25 @@ def test_extract_features_in_threads_equals_the_serial_features(jpegs, models_di
     threaded = extract_features(encoder, transform, jpegs, cfg, batch_size=3, num_workers=2)
     assert serial.dtype == torch.float16 and serial.shape[0] == len(jpegs)
     assert torch.equal(serial, threaded)
+
+
+def test_an_image_whose_read_stalls_is_named_within_the_bound(jpegs, monkeypatch):
+    import threading
+    import time
+
+    import hw3lib.image_batches as ib
+
+    release, real = threading.Event(), ib.load_image
+
+    def load(path):
+        if path == jpegs[5].image_path:
+            release.wait(30)  # a read that does not come back (until the test lets it go)
+        return real(path)
+
+    monkeypatch.setattr(ib, "load_image", load)
+    monkeypatch.setattr(ib, "DECODE_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"000000000005\.jpg: not read after 0\.5 s"):
+        list(image_batches(jpegs, _vit_l14_transform(), 4, "cpu", num_workers=2, resize_on_device=False))
+    assert time.monotonic() - start < 10  # neither the wait nor the threads' shutdown waited for the stalled read
+    release.set()
