@@ -90,9 +90,12 @@ _shared: dict = {}  # what forked workers read: set before the pool forks, so ne
 
 
 def _tokenize_slice(bounds: tuple[int, int]) -> tuple[dict, dict]:
-    keys, predictions, references = _shared["keys"][slice(*bounds)], _shared["predictions"], _shared["references"]
-    return (ptb_tokenize({k: [{"caption": predictions[k]}] for k in keys}),
-            ptb_tokenize({k: [{"caption": c} for c in references[k]] for k in keys}))
+    every, predictions, references = _shared["keys"], _shared["predictions"], _shared["references"]
+    keys, later = every[slice(*bounds)], every[bounds[1]:bounds[1] + 3]  # whether "b." ends a sentence: the next words
+    return (ptb_tokenize({k: [{"caption": predictions[k]}] for k in keys},
+                         "\n".join(one_line(predictions[k]) for k in later)),
+            ptb_tokenize({k: [{"caption": c} for c in references[k]] for k in keys},
+                         "\n".join(one_line(c) for k in later for c in references[k])))
 
 
 def _score_slice(bounds: tuple[int, int]) -> list[float]:

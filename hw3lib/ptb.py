@@ -4,7 +4,8 @@ pycocoevalcap's ``PTBTokenizer`` calls ``edu.stanford.nlp.process.PTBTokenizer -
 3.4.1) and then drops the punctuation tokens in :data:`PUNCTUATIONS`. Without Java it dies with a bare
 ``FileNotFoundError``. :func:`ptb_tokenize` reproduces that pipeline for captions: lower-casing, contractions
 (``is n't``, ``'s``, ``ca n't``, ``gon na``), brackets as ``-lrb-`` ..., quotes and dashes removed, numbers
-(``1,000.50``, ``3.5-inch``, ``10:30``), abbreviations (``u.s.``, ``mr.``), hyphenated words, unicode letters,
+(``1,000.50``, ``3.5-inch``, ``10:30``), abbreviations (``u.s.``, ``mr.``, ``Ill.``; a single letter's period kept
+or not by the next word, even the next caption's, as Java reads on), hyphenated words, unicode letters,
 characters outside the BMP dropped. ``tests/test_ptb.py`` compares it with the Java tokenizer on a corpus of
 tricky captions.
 """
@@ -16,9 +17,27 @@ import unicodedata
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                 ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "ave", "no", "etc", "vs", "jr", "sr", "inc", "co", "corp", "ltd",
-                  "mt", "ft", "prof", "gen", "sgt", "capt", "col", "lt", "rev", "jan", "feb", "mar", "apr", "jun",
-                  "jul", "aug", "sep", "sept", "oct", "nov", "dec", "blvd", "rd", "bros", "messrs"}
+# "W." as CoreNLP 3.4.1's tokenizer treats it, read off the Java tokenizer itself (W lower-case, capitalised and upper
+# case; tests/test_ptb.py keeps checking it). The period stays on these, whatever follows ...
+_KEPT = set("""
+    adj adm adv al ala alex apr ariz assn assoc asst atty attys aug ave bancorp bhd bldg blvd brig bros calif
+    capt cf cie cmdr co col colo comdr conn corp cos cpl ct dak dec dept det dr drs elec ens esq est etc ext feb
+    fla fri ft ga gen gov govs hon inc ind insp intl invt jan jos jr jul jun kan kans ky lieut lt ltd maj mar md
+    messrs mich minn mlle mme mo mon mont mr mrs ms msgr mt natl neb nev nov oct okla penn pfc ph plc pres prof
+    profs pvt rd rep reps rev rt sen sens sep sept seq sfc sgt spc sq sr st ste supt supts sys tel tenn thu
+    thurs treas tue tues univ va vs vt wed wis wisc wm wyo
+""".split())
+_KEPT_CAPITALISED = {"ark", "az", "del", "ill", "la", "mass", "miss", "ore", "pa", "tex", "wash"}  # Ill. yes, ill. no
+_KEPT_NOT_UPPER = {"mfg", "mtg", "pty", "ptys"}  # Mfg. and mfg., but MFG. ends a sentence
+# ... on these only before a number (one space or a line break, then a digit: "no. 5") ...
+_BEFORE_NUMBER = {"art", "ca", "fig", "figs", "no", "nos", "op", "pp", "prop"}
+# ... and on a single ASCII letter ("the letter b.") unless the next word (on this line or the next caption's) is one
+# of these, capitalised, followed by a space or the end: "b. The" ends a sentence; "b. the", "b. Two", "b. The," do not
+_SENTENCE_STARTS = {"a", "about", "according", "additionally", "after", "an", "as", "at", "but", "earlier", "he",
+                    "her", "here", "however", "if", "in", "it", "last", "many", "more", "now", "once", "one", "other",
+                    "our", "she", "since", "so", "some", "such", "that", "the", "their", "then", "there", "these",
+                    "they", "this", "we", "what", "when", "while", "yet", "you"}
+_NEXT_WORD = re.compile(r"[ \t\u00a0\n]+([A-Z][A-Za-z]*)(?=[ \t\u00a0\n]|$)")
 _SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
                 "lemme": ["lem", "me"], "gimme": ["gim", "me"]}
 _NORMALISE = str.maketrans({"“": " \" ", "”": " \" ", "‘": " ` ", "–": " -- ", "—": " -- ", "…": " ... ",
@@ -51,7 +70,8 @@ _MARKS = _ranges(("Mn", "Mc"))
 _ENCLOSING = re.compile(f"[{_ranges(('Me',))}]")
 
 _TOKEN = re.compile(r"""
-    https?://\S+ | www\.\S+                                   # urls stay whole
+    https?://[^\s"<>|()]*[^\s"<>|.!?(){},-]                   # urls stay whole, but for a last . , ! ? -
+  | www\.(?:[^\s"<>|.!?(){},]+\.)+[a-z]{2,4}(?:/[^\s"<>|()]*[^\s"<>|.!?(){},-])?
   | 'n' | '\d+s(?=\W|$)                                          # rock 'n' roll, '90s
   | <[^\W\d_]+> | [:;]-?[()]                                     # <tag>, emoticons
   | '(?:s|re|ve|ll|d|m)(?![^\W_])                              # clitics after a number: 50 's
@@ -63,12 +83,30 @@ _TOKEN = re.compile(r"""
 """.replace("MARKS", _MARKS), re.VERBOSE)
 
 
-def _split_word(tok: str, at_line_end: bool) -> list[str]:
+_URL = re.compile(r"https?://\S+|www\.\S+\.\S+")
+
+
+def _keeps_period(stem: str, cased: str, after: str) -> bool:
+    """Whether "stem." stays one token. ``cased``: the stem as written; ``after``: the text that follows the period
+    as Java reads on (the rest of the line, then the next captions)."""
+    if re.fullmatch(r"[^\W\d_](?:\.[^\W\d_])+", stem):  # u.s., e.g., p.m.
+        return True
+    if stem in _KEPT or (stem in _KEPT_CAPITALISED and cased[:1].isupper()) or \
+            (stem in _KEPT_NOT_UPPER and not cased.isupper()):
+        return True
+    if stem in _BEFORE_NUMBER:
+        return re.match(r"[ \t\n]\d", after) is not None
+    if len(stem) == 1 and "a" <= stem <= "z":
+        m = _NEXT_WORD.match(after)
+        return not (m and m.group(1).lower() in _SENTENCE_STARTS)
+    return False
+
+
+def _split_word(tok: str, cased: str, after: str) -> list[str]:
     period = ""
     if tok.endswith(".") and tok != ".":
         stem = tok[:-1]
-        keep = stem in _ABBREVIATIONS or re.fullmatch(r"[^\W\d_](?:\.[^\W\d_])+", stem)
-        tok, period = (tok, "") if keep else (stem, ".")
+        tok, period = (tok, "") if _keeps_period(stem, cased[:-1], after) else (stem, ".")
     out: list[str]
     if tok in _SPLIT_WORDS:
         out = list(_SPLIT_WORDS[tok])
@@ -80,11 +118,18 @@ def _split_word(tok: str, at_line_end: bool) -> list[str]:
     return out + ([period] if period else [])
 
 
-def ptb_tokenize_line(text: str) -> list[str]:
-    """PTB tokens of one caption (lower-cased), punctuation included."""
-    text = "".join(c for c in text.translate(_NORMALISE) if ord(c) <= 0xFFFF).replace("’", "'").lower()
-    text = _ENCLOSING.sub("", text)
-    text = re.sub(r"(?<=\w)'n'(?=\w)", " 'n' ", text)
+def _prepared(text: str) -> str:
+    text = "".join(c for c in text.translate(_NORMALISE) if ord(c) <= 0xFFFF).replace("’", "'")
+    return re.sub(r"(?<=\w)'n'(?=\w)", " 'n' ", _ENCLOSING.sub("", text), flags=re.IGNORECASE)
+
+
+def ptb_tokenize_line(text: str, following: str = "") -> list[str]:
+    """PTB tokens of one caption (lower-cased), punctuation included. ``following``: the captions after it in the
+    tokenizer's input, one a line (whether "b." at the end keeps its period depends on the next word)."""
+    cased = _prepared(text)
+    text = cased.lower()
+    if len(cased) != len(text):  # a letter whose lower case is longer (İ): no case to go by
+        cased = text
     tokens: list[str] = []
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
@@ -94,15 +139,23 @@ def ptb_tokenize_line(text: str) -> list[str]:
             tokens.append(_BRACKETS[tok])
         elif tok == '"':
             tokens.append("''")
-        elif re.match(r"\w", tok) and not tok.startswith(("http", "www.")):
-            tokens.extend(_split_word(tok, m.end() == len(text.rstrip())))
+        elif re.match(r"\w", tok) and not _URL.fullmatch(tok):
+            tokens.extend(_split_word(tok, cased[m.start():m.end()], cased[m.end():] + "\n" + following))
         else:
             tokens.append(tok)
     return tokens
 
 
-def ptb_tokenize(captions_for_image: dict) -> dict:
+def ptb_tokenize(captions_for_image: dict, following: str = "") -> dict:
     """Same input and output as ``pycocoevalcap``'s ``PTBTokenizer().tokenize``: ``{key: [{"caption": str}]}`` ->
-    ``{key: [tokenised caption]}`` with punctuation removed."""
-    return {k: [" ".join(t for t in ptb_tokenize_line(one_line(c["caption"])) if t not in PUNCTUATIONS)
-                for c in v] for k, v in captions_for_image.items()}
+    ``{key: [tokenised caption]}`` with punctuation removed. ``following``: the captions that come after these in
+    the same input (a slice of a larger set), one a line."""
+    lines = [one_line(c["caption"]) for v in captions_for_image.values() for c in v]  # Java's input, in its order
+    out, n = {}, 0
+    for k, v in captions_for_image.items():
+        out[k] = []
+        for _ in v:
+            after = "\n".join(lines[n + 1:n + 4]) + ("\n" + following if following and n + 4 >= len(lines) else "")
+            out[k].append(" ".join(t for t in ptb_tokenize_line(lines[n], after) if t not in PUNCTUATIONS))
+            n += 1
+    return out

@@ -61,6 +61,11 @@ def test_cider_in_forked_slices_is_pycocoevalcaps_to_the_bit(val, monkeypatch):
     frequencies; corpus and per-image scores equal pycocoevalcap's whole-set run exactly (uneven slices too)."""
     refs = {r.file_id: list(r.references) for r in val}
     pred = {k: v[0] if i % 3 else v[1] + " and more" for i, (k, v) in enumerate(refs.items())}
+    keys = list(refs)  # a caption ending in "b." just before each slice boundary: its period depends on the next
+    for i in range(1, len(keys)):  # caption, in the next slice ("The ...": split off; "two ...": kept)
+        pred[keys[i - 1]] += " with the letter b."
+        refs[keys[i - 1]].append(refs[keys[i - 1]][0] + " with the letter b")  # "b" matters, "b." does not
+        pred[keys[i]] = ("The " if i % 2 else "two ") + pred[keys[i]]
     monkeypatch.setattr(cider_module.shutil, "which", lambda name: None)  # the Python port, in the workers
     monkeypatch.setattr(cider_module, "_warned_no_java", True)
     serial = cider(pred, refs)

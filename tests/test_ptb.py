@@ -73,3 +73,44 @@ def test_a_line_break_in_a_caption_shifts_no_other_caption(tokenizer):
     broken = {**plain, "1": "a red\rcircle"}
     if tokenizer == "java":
         assert cider(broken, refs) == cider(plain, refs)
+
+
+def test_a_single_letters_period_depends_on_the_next_word_even_in_the_next_caption():
+    """CoreNLP 3.4.1 keeps "b." one token unless a common sentence start follows it ("b. The"), on the same line or
+    at the start of the next caption in its input; "no." keeps its period only before a number; "Ill." is an
+    abbreviation, "ill." a word. Read off the Java tokenizer (checked against it below)."""
+    data = {"1": [{"caption": "a sign with the letter b."}, {"caption": "The sign is red."}],
+            "2": [{"caption": "a sign with the letter b."}, {"caption": "two signs, no. 5 and no."}],
+            "3": [{"caption": "Springfield, Ill. at night"}, {"caption": "an ill. dog"}],
+            "4": [{"caption": "the letter x. The end"}, {"caption": "the letter a."}]}
+    assert ptb_tokenize(data) == {"1": ["a sign with the letter b", "the sign is red"],
+                                  "2": ["a sign with the letter b.", "two signs no. 5 and no"],
+                                  "3": ["springfield ill. at night", "an ill dog"],
+                                  "4": ["the letter x the end", "the letter a."]}
+    # a slice of a larger input: what follows it decides its last caption
+    assert ptb_tokenize({"1": [{"caption": "the letter b."}]}, following="The dog") == {"1": ["the letter b"]}
+    assert ptb_tokenize({"1": [{"caption": "the letter b."}]}, following="the dog") == {"1": ["the letter b."]}
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
+def test_abbreviations_agree_with_java_whatever_follows():
+    """Every "W." the port treats apart from ordinary words (in three cases), the single letters, and a few ordinary
+    words, each before a lower-case word, a sentence start, a number and a non-starter capital, on the same line
+    and on the next."""
+    from hw3lib import ptb
+    from hw3lib.cider import java_ptb_tokenize
+
+    words = sorted(ptb._KEPT | ptb._KEPT_CAPITALISED | ptb._KEPT_NOT_UPPER | ptb._BEFORE_NUMBER
+                   | set("abcdefghijklmnopqrstuvwxyz") | {"dog", "red", "http", "www", "ok", "st", "messr"})
+    starts = sorted(ptb._SENTENCE_STARTS)
+    data, n = {}, 0
+    for w in words:
+        for form in {w, w.capitalize(), w.upper()}:
+            for after in ("standing dog", f"{starts[n % len(starts)].capitalize()} dog", "2 dogs", "Two dogs",
+                          f"{starts[n % len(starts)].upper()}", "The, dog"):
+                data[f"{n}a"], data[f"{n}b"] = [{"caption": f"x {form}."}], [{"caption": after}]
+                data[f"{n}c"] = [{"caption": f"x {form}. {after}"}]
+                n += 1
+    java, python = java_ptb_tokenize(data), ptb_tokenize(data)
+    diff = [(data[k][0]["caption"], java[k], python[k]) for k in data if java[k] != python[k]]
+    assert not diff, diff[:20]
