@@ -543,12 +543,9 @@ def _out_of_memory(e: BaseException, args) -> str | None:
     is four sentences about its allocator)."""
     if type(e).__name__ != "OutOfMemoryError":
         return None
-    import re
+    from .workbook import oom_head
 
-    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
-    cap = os.environ.get("HW3_GPU_CAP_GIB")
-    where = f" (PyTorch capped at {cap} GiB)" if cap else ""
-    head = f"out of GPU memory{where}{': t' + asked.group(0)[1:] if asked else ''}"
+    head = oom_head(str(e), os.environ.get("HW3_GPU_CAP_GIB"))
     batch = getattr(args, "batch_size", None)
     smaller = f"--batch-size {max(1, batch // 2)}" if batch else "a smaller --batch-size"
     advice = {"llava-caption": f"batch {batch} does not fit: try {smaller}, or --load-in-4bit (configs/hw3-12gb.yaml "

@@ -371,14 +371,24 @@ def execute(name: str, source: Path, target: Path, params: dict, cwd: Path, cell
         first_line = next((line for line in (e.source or "").splitlines() if line.strip()), "")
         evalue = e.evalue
         if e.ename == "OutOfMemoryError":  # torch's four sentences about its allocator, then what to lower
-            asked = re.search(r"Tried to allocate [\d.]+ \w+", e.evalue or "")
-            evalue = f"out of GPU memory{': t' + asked.group(0)[1:] if asked else ''}; {_OOM_ADVICE.get(name, '')}"
+            evalue = f"{oom_head(e.evalue, os.environ.get('HW3_GPU_CAP_GIB'))}; {_OOM_ADVICE.get(name, '')}"
         raise WorkbookError(f"{name}.ipynb failed in cell [{e.exec_count}] ({first_line[:60]!r}): {e.ename}: "
                             f"{evalue}; the executed notebook with the traceback is {target}") from None
     except (CellTimeoutError, DeadKernelError):  # a hung cell (stopped by the watchdog or nbclient), a dead kernel
         raise WorkbookError(_kernel_failure(name, source, target, watchdog, stacks, cell_timeout)) from None
     stacks.unlink(missing_ok=True)
     kernel_log(stacks).unlink(missing_ok=True)
+
+
+def oom_head(message: str, cap: str | None = None) -> str:
+    """torch's four sentences about its allocator as one clause: what was asked for, and what PyTorch held then, in
+    use and cached but free (much cached and free: the memory is fragmented, not full)."""
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message or "")
+    held = re.search(r"([\d.]+ \w+) is allocated by PyTorch, and ([\d.]+ \w+) is reserved by PyTorch but unallocated",
+                     message or "")
+    head = "out of GPU memory" + (f" (PyTorch capped at {cap} GiB)" if cap else "")
+    head += f": tried to allocate {asked.group(1)}" if asked else ""
+    return head + (f" with {held.group(1)} in use and {held.group(2)} cached but free" if held else "")
 
 
 _OOM_ADVICE = {  # what to lower in each notebook, on a card too small for its config

@@ -193,13 +193,17 @@ def test_card_configs_extend_the_80_gb_one(tmp_path):
 
 def test_out_of_memory_in_a_notebook_says_what_to_lower(tmp_path):
     raise_oom = ("import torch\nraise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 200.00 MiB. "
-                 "GPU 0 has a total capacity of 10.50 GiB of which 0 bytes is free. Of the allocated memory ...')")
+                 "GPU 0 has a total capacity of 139.80 GiB of which 80.12 GiB is free. Including non-PyTorch memory, "
+                 "this process has 22.01 GiB memory in use. Of the allocated memory 17.20 GiB is allocated by "
+                 "PyTorch, and 4.31 GiB is reserved by PyTorch but unallocated. If reserved but unallocated memory "
+                 "is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.')")
     config = _one_notebook_config(tmp_path, "01_llava_prompts", [(None, raise_oom)])
     status, err, _ = _hw3_run(config)
     assert status == 1 and len(err.splitlines()) == 1, err
     assert ("01_llava_prompts.ipynb failed in cell [3] ('import torch'): OutOfMemoryError: out of GPU memory: tried "
-            "to allocate 200.00 MiB; lower llava_batch_size (-p llava_batch_size 4)") in err, err
-    assert "allocated memory" not in err
+            "to allocate 200.00 MiB with 17.20 GiB in use and 4.31 GiB cached but free; lower llava_batch_size "
+            "(-p llava_batch_size 4)") in err, err
+    assert "expandable_segments" not in err
 
 
 def test_every_notebooks_parameters_are_checked_before_the_first_starts(fake_root):
