@@ -59,8 +59,8 @@ from hw3lib.decoder import LoraConfig
 from hw3lib.metrics import score_split
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
-from hw3lib.train import (TrainConfig, attempt_configs, attempt_metrics, attempt_row, attempt_schedule, row_adapter,
-                          train)
+from hw3lib.train import (TrainConfig, attempt_configs, attempt_metrics, attempt_row, attempt_schedule,
+                          cached_features, row_adapter, train)
 
 # %%
 P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
@@ -202,7 +202,8 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 # %%
 final = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens,
                             length_penalty=P.length_penalty, no_repeat_ngram_size=P.no_repeat_ngram_size)
-val_features = extract_features(encoder_model, transform, val_records, cfg.encoder, device=device)
+# the val split's features as the training computed them (its memo, or its disk cache): not a second extraction
+val_features = cached_features(encoder_model, transform, val_records, cfg.encoder, train_cfg, out / "p2/main", device)
 # the card's memory goes to the beam search: the training step's compiled CUDA graphs are let go, the trained model
 # (its adapter is on disk) and the encoder (the features are computed; extract_features moves it back) leave it
 torch.compiler.reset(), model.cpu(), encoder_model.cpu(), torch.cuda.empty_cache()

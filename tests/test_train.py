@@ -285,3 +285,23 @@ def test_a_step_that_cannot_compile_trains_eagerly_with_one_warning(world, model
     assert sum("could not compile" in str(w.message) for w in seen) == 1
     for k, v in trained_state_dict(model).items():
         assert torch.equal(v, eager[k]), k
+
+
+def test_the_val_features_after_training_are_the_trainings_own(world, models_dir, tmp_path, monkeypatch):
+    """Notebook 02 scores its runs on the val split's features: after ``train`` they come from its memo (the same
+    tensor, no second extraction: at the course's size a second copy is 1 GB of RAM), and they equal a fresh
+    extraction's."""
+    import hw3lib.train as train_module
+    from hw3lib.captioner import extract_features
+
+    recs = load_split(world / "p2_data/train.json", world / "p2_data/images/train")[:6]
+    val = load_split(world / "p2_data/val.json", world / "p2_data/images/val")[:4]
+    cfg = TrainConfig(num_epochs=1, batch_size=8, lr=3e-3, captions_per_image=1, seed=1)
+    model, enc, tr = _fresh(world, models_dir)
+    train_module._FEATURES.clear()
+    train(model, enc, tr, recs, val, cfg, tmp_path / "a", log=lambda *_: None, device="cpu")
+    calls = []
+    monkeypatch.setattr(train_module, "extract_features", lambda *a, **k: calls.append(a) or extract_features(*a, **k))
+    feats = train_module.cached_features(enc, tr, val, model.cfg.encoder, cfg, tmp_path / "a", "cpu")
+    assert calls == [] and any(feats is f for f in train_module._FEATURES.values())
+    assert torch.equal(feats, extract_features(enc, tr, val, model.cfg.encoder, device="cpu"))

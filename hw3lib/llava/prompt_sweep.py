@@ -96,9 +96,21 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
                 first_sentence, progress, load.model)
             row = score_row(s, run, references, scorer, extra_scores,
                             records[0].image_path.parent if records else Path(out_dir))
+            row.update(_gpu_memory_now())
             write_json_atomic(s.row_file, row)
         rows.append(row)
     return rows
+
+
+def _gpu_memory_now() -> dict:
+    """What PyTorch holds on the GPU once a setting is done, in use and cached: if it grows from setting to setting
+    on a small card, something of an earlier setting stayed (the rows of a sweep tell which)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_allocated_gib_after": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "gpu_reserved_gib_after": round(torch.cuda.memory_reserved() / 2**30, 2)}
 
 
 def score_row(s: Setting, run: CaptionRun, references: dict[str, list[str]], scorer, extra_scores: dict | None,
@@ -202,7 +214,8 @@ def sweep_summary(rows: list[dict], model_name: str, num_images: int, best: dict
     predictions. ``best``: that setting's row on ``best_images`` images, when the sweep compared the settings on
     fewer (``llava_sweep_images``) and the best then captioned them all."""
     keep = ["name", "instruction_name", "instruction", "generation", "generation_config", "cider", "clipscore",
-            "mean_length", "caption_accuracy", "seconds", "images_per_s", "predictions"]
+            "mean_length", "caption_accuracy", "seconds", "images_per_s", "predictions", "gpu_allocated_gib_after",
+            "gpu_reserved_gib_after"]
     best = best or best_setting(rows)
     return {"model": model_name, "num_images": num_images, "sweep": [{k: r[k] for k in keep if k in r} for r in rows],
             "best": {k: best[k] for k in keep if k in best}, "best_num_images": best_images or num_images}
