@@ -2,12 +2,12 @@
 
 pycocoevalcap's ``PTBTokenizer`` calls ``edu.stanford.nlp.process.PTBTokenizer -preserveLines -lowerCase`` (CoreNLP
 3.4.1) and then drops the punctuation tokens in :data:`PUNCTUATIONS`. Without Java it dies with a bare
-``FileNotFoundError``. :func:`ptb_tokenize` reproduces that pipeline for captions: lower-casing, contractions
-(``is n't``, ``'s``, ``ca n't``, ``gon na``), brackets as ``-lrb-`` ..., quotes and dashes removed, numbers
-(``1,000.50``, ``3.5-inch``, ``10:30``), abbreviations (``u.s.``, ``mr.``, ``Ill.``; a single letter's period kept
-or not by the next word, even the next caption's, as Java reads on), hyphenated words, unicode letters,
-characters outside the BMP dropped. ``tests/test_ptb.py`` compares it with the Java tokenizer on a corpus of
-tricky captions.
+``FileNotFoundError``. :func:`ptb_tokenize` reproduces that pipeline for captions: lower-casing, contractions (``is
+n't``, ``'s``, ``ca n't``, ``gon na``, ``'em``, ``y' all``), brackets as ``-lrb-`` ..., quotes, dashes and dots
+removed (``?!`` kept, as Java keeps it), numbers (``1,000.50``, ``3.5-inch``, ``10:30``, ``2 1/2``), abbreviations
+(``u.s.``, ``mr.``, ``Ill.``; a single letter's period kept or not by the next word, even the next caption's, as
+Java reads on), hyphenated words, unicode letters, characters outside the BMP dropped. ``tests/test_ptb.py``
+compares it with the Java tokenizer on a corpus of tricky captions.
 """
 from __future__ import annotations
 
@@ -73,13 +73,16 @@ _TOKEN = re.compile(r"""
     https?://[^\s"<>|()]*[^\s"<>|.!?(){},-]                   # urls stay whole, but for a last . , ! ? -
   | www\.(?:[^\s"<>|.!?(){},]+\.)+[a-z]{2,4}(?:/[^\s"<>|()]*[^\s"<>|.!?(){},-])?
   | 'n' | '\d+s(?=\W|$)                                          # rock 'n' roll, '90s
+  | '(?:em|till?|cause) | 'n(?![^\W_])                        # 'em (even in 'emma), 'til, 'cause, 'n
+  | (?<![^\W_])y'(?=[^\W\d_])                                  # y'all, y'know: y' + all
   | <[^\W\d_]+> | [:;]-?[()]                                     # <tag>, emoticons
   | '(?:s|re|ve|ll|d|m)(?![^\W_])                              # clitics after a number: 50 's
   | \d+(?::\d+)+                                               # times 10:30 (am split off)
+  | (?<![\w/])\d{1,4}[- ]\d{1,4}/\d{1,4}(?![\w/])                # 2 1/2 one token (its space Java's no-break one)
   | [^\W\d_](?:\.[^\W\d_])+\.?                                 # u.s.  e.g.  p.m.
   | [#@][^\W\d_]\w*                                            # #hashtag @user
   | \w[\wMARKS]*(?:(?:[-/.]|(?<=\d),(?=\d{3})|(?<=[^\W\d_])'(?=[^\W\d_]))\w[\wMARKS]*)*\.?   # words, numbers, compounds
-  | \.\.\.+ | -- | !+ | \?+ | \S
+  | \.\.\.+ | -- | [?!]+ | \S
 """.replace("MARKS", _MARKS), re.VERBOSE)
 
 
@@ -139,6 +142,10 @@ def ptb_tokenize_line(text: str, following: str = "") -> list[str]:
             tokens.append(_BRACKETS[tok])
         elif tok == '"':
             tokens.append("''")
+        elif re.fullmatch(r"\d+ \d+/\d+", tok):
+            tokens.append(tok.replace(" ", "\u00a0"))
+        elif tok.startswith("..."):  # any run of three dots or more is Java's "..."
+            tokens.append("...")
         elif re.match(r"\w", tok) and not _URL.fullmatch(tok):
             tokens.extend(_split_word(tok, cased[m.start():m.end()], cased[m.end():] + "\n" + following))
         else:

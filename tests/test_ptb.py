@@ -34,6 +34,8 @@ def test_agrees_with_java_on_the_world(world):
 def test_known_tokens():
     out = ptb_tokenize({0: [{"caption": "A man's dog (big) isn't here."}]})
     assert out == {0: ["a man 's dog -lrb- big -rrb- is n't here"]}
+    out = ptb_tokenize({0: [{"caption": "Y'all get 'em?! A 2 1/2 year old...."}]})  # Java's, checked below
+    assert out == {0: ["y' all get 'em ?! a 2\u00a01/2 year old"]}
 
 
 @pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
@@ -114,3 +116,29 @@ def test_abbreviations_agree_with_java_whatever_follows():
     java, python = java_ptb_tokenize(data), ptb_tokenize(data)
     diff = [(data[k][0]["caption"], java[k], python[k]) for k in data if java[k] != python[k]]
     assert not diff, diff[:20]
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java (pycocoevalcap's PTB tokenizer)")
+def test_agrees_with_java_on_random_captions():
+    """Captions drawn at random from words, numbers, abbreviations, contractions, URLs and punctuation, one after
+    another in one input (so each caption's end also meets the next one's start)."""
+    import random
+
+    from hw3lib.cider import java_ptb_tokenize
+
+    vocab = ("a man woman dog cat sitting on the table with of in front red blue bus St. Mr. U.S. no. 5 10:30 3.5 "
+             "1,000 $20 it's don't can't cannot gonna o'clock rock'n'roll T-shirt 4x4 A.M. p.m. e.g. i.e. etc. vs. B "
+             "Z x I'm they're y'all 'em '90s co-op 50% & @home #tag :) ;-) ... -- - / * + = ~ ^ | < > [ ] { } ( ) \" "
+             "' ` , ; : ! ? !! ?! Dr. Ave. Inc. Jan. Ltd. Calif. Ill. fig. Fig. The An http://x.com www.a.org 2nd "
+             "1st 6ft 12-pack 2-3 1/2 café naïve").split()
+    rng = random.Random(1)
+
+    def caption():
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+        text = text[0].upper() + text[1:] if rng.random() < 0.5 else text
+        return text + rng.choice([".", " .", "", "!", "?", "..", "...."])
+
+    data = {str(i): [{"caption": caption()}] for i in range(3000)}
+    java, python = java_ptb_tokenize(data), ptb_tokenize(data)
+    diff = [(data[k][0]["caption"], java[k], python[k]) for k in data if java[k] != python[k]]
+    assert not diff, diff[:10]
