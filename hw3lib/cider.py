@@ -19,7 +19,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from .data import DataError, check_keys
-from .ptb import one_line, ptb_tokenize
+from .ptb import _next_words, one_line, ptb_tokenize
 
 NO_JAVA = ("java not found: CIDEr uses hw3lib.ptb, a Python port of the PTB tokenizer (install a JRE, e.g. "
            "`apt install default-jre` or conda's openjdk, to use pycocoevalcap's own)")
@@ -91,11 +91,19 @@ _shared: dict = {}  # what forked workers read: set before the pool forks, so ne
 
 def _tokenize_slice(bounds: tuple[int, int]) -> tuple[dict, dict]:
     every, predictions, references = _shared["keys"], _shared["predictions"], _shared["references"]
-    keys, later = every[slice(*bounds)], every[bounds[1]:bounds[1] + 3]  # whether "b." ends a sentence: the next words
+    keys, later = every[slice(*bounds)], every[bounds[1]:]  # whether "b." ends a sentence: the next words
     return (ptb_tokenize({k: [{"caption": predictions[k]}] for k in keys},
-                         "\n".join(one_line(predictions[k]) for k in later)),
+                         _next_words([one_line(predictions[k]) for k in _to_a_word(later, predictions)], 0)),
             ptb_tokenize({k: [{"caption": c} for c in references[k]] for k in keys},
-                         "\n".join(one_line(c) for k in later for c in references[k])))
+                         _next_words([one_line(c) for k in _to_a_word(later, references) for c in references[k]], 0)))
+
+
+def _to_a_word(keys: list, captions: dict) -> list:
+    """The first of ``keys`` up to the first whose caption(s) hold a word (what Java reads on to)."""
+    for n, k in enumerate(keys):
+        if any(c.strip() for c in ([captions[k]] if isinstance(captions[k], str) else captions[k])):
+            return keys[:n + 1]
+    return keys
 
 
 def _score_slice(bounds: tuple[int, int]) -> list[float]:

@@ -54,8 +54,6 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
 
     if num_workers <= 0:
         return (ready(torch.stack([dataset[i][0] for i in range(s, min(s + bs, len(records)))])) for s in starts)
-    from concurrent.futures import ThreadPoolExecutor
-
     split = split_preprocess(preprocess)
     if resize_on_device is None:
         resize_on_device = device.type == "cuda"
@@ -82,7 +80,7 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
         x = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)  # ToTensor (NCHW in memory too)
         return x.sub_(mean).div_(std).to(dtype)  # Normalize
 
-    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="image-decode")
+    pool = _DaemonPool(num_workers)
     ahead = max(2, 2 * num_workers // bs + 2)  # batches in flight
     pending = [[pool.submit(load, i) for i in range(s, min(s + bs, len(records)))] for s in starts[:ahead]]
 
@@ -105,14 +103,62 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
 
 
 def _decoded(future, record: Record):
-    """A thread's decoded image, waited for at most ``DECODE_TIMEOUT_S`` (every wait has a bound)."""
-    from concurrent.futures import TimeoutError as Timeout
+    """A thread's decoded image, waited for at most ``DECODE_TIMEOUT_S`` (every wait has a bound). A read that fails
+    with a timeout of its own (``TimeoutError``) is that error, not a stall."""
+    from concurrent.futures import wait
 
-    try:
-        return future.result(timeout=DECODE_TIMEOUT_S)
-    except Timeout:
+    if not wait([future], timeout=DECODE_TIMEOUT_S).done:
         raise StalledRead(f"{record.image_path}: not read after {DECODE_TIMEOUT_S:g} s (a stalled disk or network file "
-                        "system?)") from None
+                          "system?)")
+    return future.result()
+
+
+class _DaemonPool:
+    """``ThreadPoolExecutor``'s ``submit`` and ``shutdown`` on daemon threads: Python joins an executor's threads when
+    it exits, so one read that never returns would keep the process from ending after it said so."""
+
+    def __init__(self, workers: int):
+        import queue
+        import threading
+
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"image-decode-{i}")
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to the caller that waits on it
+                    future.set_exception(e)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        import queue
+
+        if cancel_futures:
+            while True:
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 def device_resize(on_host) -> tuple[int, int] | None:

@@ -71,10 +71,10 @@ _ENCLOSING = re.compile(f"[{_ranges(('Me',))}]")
 
 _TOKEN = re.compile(r"""
     https?://[^\s"<>|()]*[^\s"<>|.!?(){},-]                   # urls stay whole, but for a last . , ! ? -
-  | www\.(?:[^\s"<>|.!?(){},]+\.)+[a-z]{2,4}(?:/[^\s"<>|()]*[^\s"<>|.!?(){},-])?
+  | www\.(?:[^\s"<>|.!?(){},]+\.)+[a-z]{2,4}(?![\w-])(?:/[^\s"<>|()]*[^\s"<>|.!?(){},-])?
   | 'n' | '\d+s(?=\W|$)                                          # rock 'n' roll, '90s
   | '(?:em|till?|cause) | 'n(?![^\W_])                        # 'em (even in 'emma), 'til, 'cause, 'n
-  | (?<![^\W_])y'(?=[^\W\d_])                                  # y'all, y'know: y' + all
+  | (?<![^\W_])y'(?=all|know)                                   # y'all, y'know: y' + all (but y 's, y 'll)
   | <[^\W\d_]+> | [:;]-?[()]                                     # <tag>, emoticons
   | '(?:s|re|ve|ll|d|m)(?![^\W_])                              # clitics after a number: 50 's
   | \d+(?::\d+)+                                               # times 10:30 (am split off)
@@ -153,6 +153,15 @@ def ptb_tokenize_line(text: str, following: str = "") -> list[str]:
     return tokens
 
 
+def _next_words(lines: list[str], start: int, following: str = "") -> str:
+    """The text Java reads on after line ``start - 1``: the lines from ``start`` to the first that is not blank
+    (Java skips empty lines), then ``following`` if they were all blank."""
+    end = start
+    while end < len(lines) and not lines[end].strip():
+        end += 1
+    return "\n".join(lines[start:end + 1]) + ("\n" + following if end >= len(lines) and following else "")
+
+
 def ptb_tokenize(captions_for_image: dict, following: str = "") -> dict:
     """Same input and output as ``pycocoevalcap``'s ``PTBTokenizer().tokenize``: ``{key: [{"caption": str}]}`` ->
     ``{key: [tokenised caption]}`` with punctuation removed. ``following``: the captions that come after these in
@@ -162,7 +171,7 @@ def ptb_tokenize(captions_for_image: dict, following: str = "") -> dict:
     for k, v in captions_for_image.items():
         out[k] = []
         for _ in v:
-            after = "\n".join(lines[n + 1:n + 4]) + ("\n" + following if following and n + 4 >= len(lines) else "")
+            after = _next_words(lines, n + 1, following)
             out[k].append(" ".join(t for t in ptb_tokenize_line(lines[n], after) if t not in PUNCTUATIONS))
             n += 1
     return out

@@ -384,11 +384,15 @@ def oom_head(message: str, cap: str | None = None) -> str:
     """torch's four sentences about its allocator as one clause: what was asked for, and what PyTorch held then, in
     use and cached but free (much cached and free: the memory is fragmented, not full)."""
     asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message or "")
-    held = re.search(r"([\d.]+ \w+) is allocated by PyTorch, and ([\d.]+ \w+) is reserved by PyTorch but unallocated",
-                     message or "")
+    held = re.search(r"([\d.]+ \w+) is allocated by PyTorch,"
+                     r"(?: with ([\d.]+ \w+) allocated in private pools(?: \([^)]*\))?,)?"  # (e.g., CUDA Graphs)
+                     r" and ([\d.]+ \w+) is reserved by PyTorch but unallocated", message or "")
     head = "out of GPU memory" + (f" (PyTorch capped at {cap} GiB)" if cap else "")
     head += f": tried to allocate {asked.group(1)}" if asked else ""
-    return head + (f" with {held.group(1)} in use and {held.group(2)} cached but free" if held else "")
+    if not held:
+        return head
+    pools = f" ({held.group(2)} of it in CUDA graphs' pools)" if held.group(2) else ""
+    return head + f" with {held.group(1)} in use{pools} and {held.group(3)} cached but free"
 
 
 _OOM_ADVICE = {  # what to lower in each notebook, on a card too small for its config

@@ -59,8 +59,8 @@ from hw3lib.decoder import LoraConfig
 from hw3lib.metrics import score_split
 from hw3lib.outputs import clip_scorer, start
 from hw3lib.report import save_metrics
-from hw3lib.train import (TrainConfig, attempt_configs, attempt_metrics, attempt_row, attempt_schedule,
-                          cached_features, row_adapter, train)
+from hw3lib.train import (TrainConfig, attempt_configs, attempt_metrics, attempt_row, attempt_schedule, row_adapter,
+                          train)
 
 # %%
 P, run = start(globals())  # the parameters, and the run's folders (hw3lib/outputs.py)
@@ -202,8 +202,7 @@ print(f"best.safetensors: {result.best_path.stat().st_size / 2**20:.2f} MiB, the
 # %%
 final = CaptionerGeneration(num_beams=P.num_beams, max_new_tokens=P.max_new_tokens,
                             length_penalty=P.length_penalty, no_repeat_ngram_size=P.no_repeat_ngram_size)
-# the val split's features as the training computed them (its memo, or its disk cache): not a second extraction
-val_features = cached_features(encoder_model, transform, val_records, cfg.encoder, train_cfg, out / "p2/main", device)
+val_features = extract_features(encoder_model, transform, val_records, cfg.encoder, device=device)
 # the card's memory goes to the beam search: the training step's compiled CUDA graphs are let go and the trained
 # model (its adapter is on disk) leaves it; the encoder (1.2 GB, for the samples below) stays: in the host's RAM it
 # would push the notebook's peak towards a 16 GB machine's, on a 12 GB card the scores leave room for it
@@ -247,7 +246,8 @@ print(f"val CIDEr and CLIPScore: all {len(val_records)} val images, "
 # %%
 best, _, _ = load_adapter(result.best_path, with_encoder=False)
 shown = val_records[:8]
-captions = best.generate(extract_features(encoder_model, transform, shown, cfg.encoder).float(), gen).captions
+captions = best.generate(extract_features(encoder_model, transform, shown, cfg.encoder, device=device).float().cpu(),
+                         gen).captions  # the encoder where it is (on a GPU: not moved into RAM), the captioner here
 fig = viz.image_grid(shown, captions=[f"{c}\n(ref: {r.references[0]})" for c, r in zip(captions, shown)])
 fig.savefig(out / "figures/02_samples.png", dpi=110)
 plt.show()

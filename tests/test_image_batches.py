@@ -94,3 +94,42 @@ def test_an_image_whose_read_stalls_is_named_within_the_bound(jpegs, monkeypatch
         list(image_batches(jpegs, _vit_l14_transform(), 4, "cpu", num_workers=2, resize_on_device=False))
     assert time.monotonic() - start < 10  # neither the wait nor the threads' shutdown waited for the stalled read
     release.set()
+
+
+def test_a_stalled_read_does_not_keep_the_process_from_ending(jpegs):
+    """The decoding threads are daemons: after a stall's one-line error the process ends, instead of waiting at
+    exit for a read that may never come back."""
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import threading, hw3lib.image_batches as ib
+from hw3lib.data import DataError, Record
+from pathlib import Path
+real = ib.load_image
+ib.load_image = lambda p: threading.Event().wait(120) if p.name.endswith("5.jpg") else real(p)
+ib.DECODE_TIMEOUT_S = 0.5
+from torchvision import transforms as T
+records = [Record(Path(p), Path(p).stem, ()) for p in {[str(r.image_path) for r in jpegs[:6]]!r}]
+try:
+    usual = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    list(ib.image_batches(records, usual, 2, "cpu", num_workers=2, resize_on_device=False))
+except DataError as e:
+    print("caught", e)
+"""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "caught" in done.stdout and "not read after 0.5 s" in done.stdout, done.stdout + done.stderr
+    assert time.monotonic() - start < 30  # not the 120 s of the stuck read
+
+
+def test_a_read_that_times_out_by_itself_is_its_own_error_not_a_stall(jpegs, monkeypatch):
+    import hw3lib.image_batches as ib
+
+    def load(path):
+        raise TimeoutError(f"{path}: the file server did not answer")
+
+    monkeypatch.setattr(ib, "load_image", load)
+    with pytest.raises(TimeoutError, match="the file server did not answer"):
+        list(image_batches(jpegs, _vit_l14_transform(), 4, "cpu", num_workers=2, resize_on_device=False))

@@ -89,6 +89,9 @@ def test_a_single_letters_period_depends_on_the_next_word_even_in_the_next_capti
                                   "2": ["a sign with the letter b.", "two signs no. 5 and no"],
                                   "3": ["springfield ill. at night", "an ill dog"],
                                   "4": ["the letter x the end", "the letter a."]}
+    # Java reads on over empty captions, however many
+    gap = {"1": [{"caption": "the letter b."}, *[{"caption": ""}] * 5], "2": [{"caption": "The dog"}]}
+    assert ptb_tokenize(gap)["1"][0] == "the letter b"
     # a slice of a larger input: what follows it decides its last caption
     assert ptb_tokenize({"1": [{"caption": "the letter b."}]}, following="The dog") == {"1": ["the letter b"]}
     assert ptb_tokenize({"1": [{"caption": "the letter b."}]}, following="the dog") == {"1": ["the letter b."]}

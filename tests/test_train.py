@@ -288,9 +288,9 @@ def test_a_step_that_cannot_compile_trains_eagerly_with_one_warning(world, model
 
 
 def test_the_val_features_after_training_are_the_trainings_own(world, models_dir, tmp_path, monkeypatch):
-    """Notebook 02 scores its runs on the val split's features: after ``train`` they come from its memo (the same
-    tensor, no second extraction: at the course's size a second copy is 1 GB of RAM), and they equal a fresh
-    extraction's."""
+    """After ``train``, ``cached_features`` for the val records it validated on returns the training's own tensor
+    (no second extraction, no second copy in RAM), equal to a fresh extraction's. The memo is keyed by the record
+    list: ``train`` validates on ``val[:eval_images]``, so this holds for that list (here all of it)."""
     import hw3lib.train as train_module
     from hw3lib.captioner import extract_features
 

@@ -204,6 +204,14 @@ def test_out_of_memory_in_a_notebook_says_what_to_lower(tmp_path):
             "to allocate 200.00 MiB with 17.20 GiB in use and 4.31 GiB cached but free; lower llava_batch_size "
             "(-p llava_batch_size 4)") in err, err
     assert "expandable_segments" not in err
+    from hw3lib.workbook import oom_head  # torch's wording when CUDA graphs hold memory of their own
+
+    graphs = ("CUDA out of memory. Tried to allocate 2.00 MiB. Of the allocated memory 17.20 GiB is allocated by "
+              "PyTorch, with 3.50 GiB allocated in private pools (e.g., CUDA Graphs), and 4.31 GiB is reserved by "
+              "PyTorch but unallocated.")
+    assert oom_head(graphs, "22") == ("out of GPU memory (PyTorch capped at 22 GiB): tried to allocate 2.00 MiB with "
+                                      "17.20 GiB in use (3.50 GiB of it in CUDA graphs' pools) and 4.31 GiB cached "
+                                      "but free")
 
 
 def test_every_notebooks_parameters_are_checked_before_the_first_starts(fake_root):
