@@ -94,7 +94,19 @@ def setup() -> Dist:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=world,
                                 device_id=torch.device("cuda", local) if use_nccl else None)
+        if not use_nccl:
+            # gloo's worker threads still hold work when the interpreter is torn down, and now and then abort the
+            # process at exit ("terminate called without an active exception", pytorch/pytorch#190489); a gloo
+            # group is let go locally, so each process does it on its own while Python is still whole
+            import atexit
+
+            atexit.register(_leave_gloo_group)
     return Dist(rank, world, local)
+
+
+def _leave_gloo_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Dist:
