@@ -25,10 +25,6 @@ import torch
 from . import pil_resize
 from .data import DataError, ImageDataset, Record, load_image
 
-class StalledRead(DataError):
-    """An image file that was not read within ``DECODE_TIMEOUT_S``."""
-
-
 DECODE_TIMEOUT_S = 300.0  # one image's decode; past it the file's read has stalled (a network file system, a bad disk)
 
 
@@ -85,7 +81,6 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
     pending = [[pool.submit(load, i) for i in range(s, min(s + bs, len(records)))] for s in starts[:ahead]]
 
     def batches():
-        stalled = False
         try:
             for n in range(len(starts)):
                 if n + ahead < len(starts):
@@ -93,11 +88,8 @@ def image_batches(records: list[Record], preprocess, batch_size: int, device: to
                     pending.append([pool.submit(load, i) for i in range(s, min(s + bs, len(records)))])
                 yield finish([_decoded(f, records[starts[n] + k]) for k, f in enumerate(pending[n])])
                 pending[n] = None
-        except StalledRead:
-            stalled = True
-            raise
         finally:
-            pool.shutdown(wait=not stalled, cancel_futures=True)  # a stalled read's thread is not waited for
+            pool.shutdown(wait=False, cancel_futures=True)  # daemon threads: a stalled read's is not waited for
 
     return batches()
 
@@ -108,7 +100,7 @@ def _decoded(future, record: Record):
     from concurrent.futures import wait
 
     if not wait([future], timeout=DECODE_TIMEOUT_S).done:
-        raise StalledRead(f"{record.image_path}: not read after {DECODE_TIMEOUT_S:g} s (a stalled disk or network file "
+        raise DataError(f"{record.image_path}: not read after {DECODE_TIMEOUT_S:g} s (a stalled disk or network file "
                           "system?)")
     return future.result()
 
