@@ -145,6 +145,7 @@ by_hand = row[:, -side * side:].float().reshape(-1, side, side)  # a leading CLS
 assert torch.allclose(by_hand.cpu(), torch.as_tensor(att.maps[t, layer]), atol=1e-3)
 print(f"token {t} of the answer {tok.convert_ids_to_tokens(att.token_ids)}: its map in the last layer, "
       f"{tuple(by_hand.shape)} (heads x grid), equals hw3lib's")
+del res, row  # every layer's attention matrices stay on the GPU otherwise: about 0.7 GiB beside the sweep
 
 # %% [markdown]
 # ## The sweep: instructions × generation configs
