@@ -8,15 +8,17 @@ config of a config, in the notebook's order) on the first ``--images`` p1 images
 Each batch's row: the setting, the batch's images, PyTorch's allocated and reserved GiB after it, the peak allocated
 during it, and the allocator's cached-but-unusable bytes (``inactive_split``: fragmentation). After each setting the
 segments are summed by memory pool: the default pool, and each CUDA graph's private pool, with what is in use in
-each, before and after ``gc.collect(); torch.cuda.empty_cache()`` (what stays then is held). On an out-of-memory
-error the same summary is written, with the error's line. ``--cache`` replaces the config's ``llava_cache`` (e.g.
-``static`` or ``""``) to compare the paths under one cap.
+each (with ``--empty-cache``, also after ``gc.collect(); torch.cuda.empty_cache()``: what stays then is held).
+On an out-of-memory error the same summary is written, with the error's line. ``--cache`` replaces the config's
+``llava_cache`` (e.g. ``static`` or ``""``) to compare the paths under one cap. The warnings (a failed CUDA-graph
+capture says so in one) are kept too.
 """
 import argparse
 import gc
 import json
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,6 +71,38 @@ def notebook_parameters(config: str) -> dict:
     return {**values, **{k: v for k, v in WorkbookConfig.load(config).parameters.items() if k in values}}
 
 
+def run_plan(plan, model, processor, instructions, generations, batch, workers, out, empty_cache: bool) -> None:
+    """Caption each (instruction, generation, records) of ``plan`` in turn, reading the memory into ``out``."""
+    try:
+        for n, (iname, gname, recs) in enumerate(plan):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            t0, k = time.time(), [0]
+
+            def on_batch(captions, name=f"{iname} / {gname}" + (" (then)" if n == len(plan) - 1 else "")):
+                k[0] += 1
+                out["batches"].append({"setting": name, "batch": k[0], "images": len(captions), **memory()})
+
+            caption_records(model, processor, recs, instructions[iname], generations[gname], batch, workers,
+                            progress=False, on_batch=on_batch)
+            row = {"setting": f"{iname} / {gname}", "images": len(recs), "seconds": round(time.time() - t0, 1),
+                   **memory(), "pools": pools()}
+            graph_pools = [p for p in row["pools"] if p["pool"] != "(0, 0)"]
+            row["graph_pools"] = {"count": len(graph_pools),
+                                  "reserved_gib": round(sum(p["reserved_gib"] for p in graph_pools), 3),
+                                  "active_gib": round(sum(p["active_gib"] for p in graph_pools), 3)}
+            if empty_cache and torch.cuda.is_available():  # what the allocator can give back: cache, dead graphs' pools
+                gc.collect()
+                torch.cuda.empty_cache()
+                row["after_empty_cache"] = {**memory(), "pools": pools()}
+            out["settings"].append(row)
+            print(f"[memory] {json.dumps({k: v for k, v in row.items() if k != 'pools'})}; pools "
+                  f"{row['pools'][:4]}", flush=True)
+    except torch.OutOfMemoryError as e:
+        out["oom"] = {"error": str(e).splitlines()[0], **memory(), "pools": pools()}
+        print(f"[memory] out of memory: {json.dumps(out['oom'])}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-f", "--config", default="configs/hw3-24gb.yaml")
@@ -76,6 +110,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=100, help="images each setting captions (the sweep)")
     ap.add_argument("--then", type=int, default=100, help="then the first setting on this many further images")
     ap.add_argument("--cache", default=None, help="replaces the config's llava_cache")
+    ap.add_argument("--empty-cache", action="store_true", help="gc.collect() and empty the allocator's cache after "
+                    "each setting (the notebook does not), and read the memory again")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     cap = apply_gpu_cap()
@@ -97,30 +133,11 @@ def main() -> int:
     plan = [(i, g, records[: args.images]) for i in instructions for g in generations]
     plan.append((next(iter(instructions)), next(iter(generations)),
                  records[args.images: args.images + args.then]))
-    try:
-        for n, (iname, gname, recs) in enumerate(plan):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            t0, k = time.time(), [0]
-
-            def on_batch(captions, name=f"{iname} / {gname}" + (" (then)" if n == len(plan) - 1 else "")):
-                k[0] += 1
-                out["batches"].append({"setting": name, "batch": k[0], "images": len(captions), **memory()})
-
-            caption_records(model, processor, recs, instructions[iname], generations[gname], batch, workers,
-                            progress=False, on_batch=on_batch)
-            row = {"setting": f"{iname} / {gname}", "images": len(recs), "seconds": round(time.time() - t0, 1),
-                   **memory(), "pools": pools()}
-            if torch.cuda.is_available():  # what of it the allocator could give back: the cache, dead graphs' pools
-                gc.collect()
-                torch.cuda.empty_cache()
-                row["after_empty_cache"] = {**memory(), "pools": pools()}
-            out["settings"].append(row)
-            print(f"[memory] {json.dumps({k: v for k, v in row.items() if k != 'pools'})}; pools "
-                  f"{row['pools'][:4]}", flush=True)
-    except torch.OutOfMemoryError as e:
-        out["oom"] = {"error": str(e).splitlines()[0], **memory(), "pools": pools()}
-        print(f"[memory] out of memory: {json.dumps(out['oom'])}", flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_plan(plan, model, processor, instructions, generations, batch, workers, out, args.empty_cache)
+    out["warnings"] = sorted({str(w.message)[:300] for w in caught})
+    print(f"[memory] warnings: {out['warnings']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 1 if "oom" in out else 0

@@ -30,7 +30,7 @@ def _fresh_process_flags() -> None:
     from hw3lib import cider, train
     from hw3lib.llava import decoding
 
-    cider._warned_no_java, decoding._warned = False, False
+    cider._warned_no_java, decoding._capture_failed = False, False
     train._FEATURES.clear()
     if "transformers" in sys.modules:
         from transformers.utils.logging import warning_once

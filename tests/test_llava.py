@@ -126,6 +126,60 @@ def test_greedy_with_graphed_steps_equals_transformers_greedy(llava, p1_records,
         assert ref.shape[1] < enc["input_ids"].shape[1] + 40
 
 
+def test_greedy_graphs_are_kept_for_the_next_batch_of_that_shape(llava, p1_records):
+    """caption_records keeps one GreedySteps (cache, buffers, graph) across its batches: each batch, reusing the
+    last one's buffers, still gives model.generate's tokens, and a batch of another shape replaces them."""
+    from hw3lib.llava.decoding import GreedySteps, graphed_greedy
+
+    model, processor = llava
+    pad = processor.tokenizer.pad_token_id
+    gen = LlavaGeneration(cache="static+graphs", max_new_tokens=16)
+    prompt = build_prompt(processor, DEFAULT_INSTRUCTION)
+    reuse, held = {}, []
+    for part in ([0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10]):  # the 2-image batch has another shape
+        images = [Image.open(p1_records[i].image_path).convert("RGB") for i in part]
+        enc = dict(processor(images=images, text=[prompt] * len(part), padding=True, return_tensors="pt"))
+        with torch.inference_mode():
+            ref = model.generate(**enc, **LlavaGeneration(max_new_tokens=16).generate_kwargs(), pad_token_id=pad)
+            ours = graphed_greedy(model, enc, gen, pad, reuse=reuse)
+        assert torch.equal(ours, ref)
+        assert len(reuse) == 1 and isinstance(next(iter(reuse.values())), GreedySteps)
+        held.append(next(iter(reuse.values())))
+    assert held[0] is held[1] and held[2] is not held[1] and held[3] is not held[1]
+
+
+def test_a_greedy_step_never_waits_for_the_host(llava, p1_records, monkeypatch):
+    """A CUDA graph cannot capture an operation that reads a value back (``.item()``, ``int(tensor)``) or copies one
+    from Python (``torch.tensor([...])``): a step that does either fails its capture on the GPU and runs uncaptured.
+    The rehearsal's answer lengths once did both. The operations of one step, the rehearsal's included, on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hw3lib.llava.decoding import GreedySteps
+    from hw3lib.rehearsal.answers import MARKER
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, processor = llava
+    monkeypatch.setattr(model.config, MARKER, [2, 4], raising=False)
+    images = [Image.open(r.image_path).convert("RGB") for r in p1_records[:3]]
+    enc = dict(processor(images=images, text=[build_prompt(processor, DEFAULT_INSTRUCTION)] * 3, padding=True,
+                         return_tensors="pt"))
+    steps = GreedySteps(model, 3, enc["input_ids"].shape[1], LlavaGeneration(max_new_tokens=8, min_new_tokens=1),
+                        processor.tokenizer.pad_token_id, torch.device("cpu"), graphs=False)
+    steps(enc)  # fills the cache and the buffers
+    with torch.inference_mode(), Ops() as ops:
+        steps.step()
+    assert "aten.argmax.default" in ops.seen and "aten.ge.Tensor" in ops.seen  # the step ran, the rehearsal's part too
+    assert not ops.seen & {"aten._local_scalar_dense.default", "aten.lift_fresh.default", "aten.item.default"}
+
+
 def test_prompt_once_cache_keeps_the_prompt_once_and_reorders_only_the_beams():
     """hw3lib.llava.decoding's prompt-once layer against a brute-force per-beam cache: the same keys for every beam
     after writes and reorders, while the prompt is stored once per image."""

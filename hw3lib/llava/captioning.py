@@ -50,9 +50,10 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
     if generation.do_sample:
         torch.manual_seed(generation.seed)
     out: dict[str, str] = {}
+    reuse: dict = {}  # greedy from a CUDA graph: the graph and its cache, for the next batch of the same shape
     with tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress) as bar:
         for inputs, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
-            ids = generate(model, inputs, generation, tok.pad_token_id)
+            ids = generate(model, inputs, generation, tok.pad_token_id, reuse=reuse)
             texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
             out.update(batch)

@@ -13,6 +13,10 @@ goes through the model as in ``generate`` (a forward pass that fills a static KV
 reads its inputs from fixed buffers and writes them for the next: the last token, its position, the cache slot,
 the attention mask over the cache, the step count (for ``min_new_tokens``) and which rows have finished.
 
+The graph and its buffers are kept for the next batch of the same shape (:class:`GreedySteps`, ``reuse``): one
+capture per setting and batch size, not one per batch. Nothing in a step may wait for the host (``.item()``, a tensor
+made from Python values): the capture would fail (``tests/test_llava.py`` checks the operations a step runs).
+
 The tokens are ``model.generate``'s greedy ones: the same positions for left-padded prompts, end-of-sequence
 blocked until ``min_new_tokens``, padding after a row's end, and the output cut where the last row ended
 (``tests/test_llava.py`` compares them in fp32 on the CPU, where the same steps run without a graph).
@@ -50,7 +54,7 @@ from .settings import LlavaGeneration
 
 
 def generate(model, inputs: dict, generation: LlavaGeneration, pad_token_id: int,
-             prompt_once: bool = True) -> torch.Tensor:
+             prompt_once: bool = True, reuse: dict | None = None) -> torch.Tensor:
     """``model.generate`` on one preprocessed batch: the prompts and the new tokens, ``(B, prompt + new)``.
 
     Beam search runs the prompt (image included) once per image, not once per beam: a forward pass over every
@@ -58,13 +62,14 @@ def generate(model, inputs: dict, generation: LlavaGeneration, pad_token_id: int
     the beams as it always does. So the captions are transformers' own beam search (the tests compare them) at a
     third of the prefill for 3 beams. With ``prompt_once`` (the default) the prompt's keys and values then stay
     once per image (:func:`attach_prompt_once`): a step copies and reorders only the generated positions. Without
-    it, the cache is repeated for the beams, and every step grows and reorders the whole of it."""
+    it, the cache is repeated for the beams, and every step grows and reorders the whole of it. ``reuse``: see
+    :func:`graphed_greedy` (greedy with ``cache="static+graphs"`` only)."""
     from ..rehearsal.answers import logits_processors
 
     kw = {**generation.generate_kwargs(), **logits_processors(model, inputs["input_ids"].shape[1])}
     if generation.cache == "static+graphs":
         if graphs_supported(model, generation):
-            return graphed_greedy(model, inputs, generation, pad_token_id)
+            return graphed_greedy(model, inputs, generation, pad_token_id, reuse=reuse)
     if generation.num_beams == 1 or generation.do_sample:
         return model.generate(**inputs, **kw, pad_token_id=pad_token_id)
     from transformers import DynamicCache
@@ -86,23 +91,23 @@ def generate(model, inputs: dict, generation: LlavaGeneration, pad_token_id: int
 
 
 # ------------------------------------------------------------------------------------ greedy from a CUDA graph
-_warned = False
+_capture_failed = False  # once a capture has failed, later batches do not try again (each try costs memory)
 
 
 def _capture(step):
     """``step`` recorded in a CUDA graph (not run), or None with one warning if something in it cannot be
-    captured (a synchronising operation in another transformers version, say): the steps then run one by one."""
-    global _warned
+    captured (an operation that waits for the host in another transformers version, say): the steps then run one by
+    one, in this batch and every later one."""
+    global _capture_failed
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     try:
         with torch.cuda.graph(graph):
             step()
     except RuntimeError as e:
-        if not _warned:
-            warnings.warn(f"greedy decoding could not be captured in a CUDA graph ({str(e).splitlines()[0][:200]}); "
-                          f"its steps run one by one", stacklevel=3)
-            _warned = True
+        warnings.warn(f"greedy decoding could not be captured in a CUDA graph ({str(e).splitlines()[0][:200]}); "
+                      f"its steps run one by one", stacklevel=3)
+        _capture_failed = True
         return None
     return graph
 
@@ -118,53 +123,51 @@ def graphs_supported(model, generation) -> bool:
             and not getattr(cfg, "no_repeat_ngram_size", 0))
 
 
-@torch.inference_mode()
-def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: bool | None = None) -> torch.Tensor:
-    """``(B, prompt + new)`` token ids, as ``model.generate`` returns them for greedy decoding. ``graphs``: replay
-    the steps from a CUDA graph (default: on a CUDA device)."""
-    from transformers import StaticCache
+class GreedySteps:
+    """Greedy decoding of batches of one shape (``batch`` prompts of ``prompt`` tokens, at most ``new`` new tokens):
+    a static KV cache, the buffers that a step reads and writes, and the step captured in a CUDA graph on the first
+    batch, then replayed for every later batch of that shape (:func:`graphed_greedy`). A batch resets the cache and
+    the buffers in place, so the graph's addresses stay valid."""
 
-    from ..rehearsal.answers import answer_tokens, end_after
+    def __init__(self, model, batch: int, prompt: int, generation, pad_token_id: int, device: torch.device,
+                 graphs: bool):
+        from transformers import StaticCache
 
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    device, (batch, prompt) = ids.device, ids.shape
-    graphs = device.type == "cuda" if graphs is None else graphs
-    eos = model.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device)
-    new = generation.max_new_tokens
-    total = prompt + new
-    cache = StaticCache(config=model.config, max_cache_len=total)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        from ..rehearsal.answers import answer_tokens
 
-    positions = mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(mask == 0, 1)  # as generate() numbers left-padded prompts
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=inputs["pixel_values"],
-                   cache_position=torch.arange(prompt, device=device), use_cache=True, logits_to_keep=1,
-                   **{name: cache}).logits[:, -1]
-    # the buffers a step reads and writes
-    state = {
-        "token": torch.empty(batch, 1, dtype=torch.long, device=device),
-        "position": positions[:, -1:].clone(),
-        "slot": torch.full((1,), prompt - 1, dtype=torch.long, device=device),
-        "step": torch.zeros((), dtype=torch.long, device=device),  # new tokens so far
-        "finished": torch.zeros(batch, dtype=torch.bool, device=device),
-        # added to the attention scores over the cache: 0 where a slot is attended to, the dtype's minimum elsewhere
-        "mask": torch.full((batch, 1, 1, total), torch.finfo(model.dtype).min, dtype=model.dtype, device=device),
-        "out": torch.full((batch, new), pad_token_id, dtype=torch.long, device=device),
-    }
-    state["mask"][:, 0, 0, :prompt].masked_fill_(mask.bool(), 0.0)
-    min_new = torch.tensor(generation.min_new_tokens, device=device)
-    span = answer_tokens(model)  # the rehearsal's random LLaVA: answers of 8-20 tokens (hw3lib.rehearsal.answers)
-    state["first"] = torch.zeros(batch, dtype=torch.long, device=device)
+        self.model, self.prompt, self.new, self.pad = model, prompt, generation.max_new_tokens, pad_token_id
+        self.graphs, self.graph = graphs, None
+        eos = model.generation_config.eos_token_id
+        self.eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
+        self.min_new = torch.tensor(generation.min_new_tokens, device=device)
+        self.span = answer_tokens(model)  # the rehearsal's random LLaVA: answers of 8-20 tokens (rehearsal/answers.py)
+        total = prompt + self.new
+        self.cache = StaticCache(config=model.config, max_cache_len=total)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # the buffers a step reads and writes
+        self.state = {
+            "token": torch.empty(batch, 1, dtype=torch.long, device=device),
+            "position": torch.empty(batch, 1, dtype=torch.long, device=device),
+            "slot": torch.empty(1, dtype=torch.long, device=device),
+            "step": torch.zeros((), dtype=torch.long, device=device),  # new tokens so far
+            "finished": torch.zeros(batch, dtype=torch.bool, device=device),
+            # added to the attention scores over the cache: 0 where a slot is attended to, the dtype's minimum elsewhere
+            "mask": torch.empty((batch, 1, 1, total), dtype=model.dtype, device=device),
+            "out": torch.empty((batch, self.new), dtype=torch.long, device=device),
+            "first": torch.zeros(batch, dtype=torch.long, device=device),  # each row's first new token
+        }
 
-    def choose(logits: torch.Tensor) -> None:
+    def choose(self, logits: torch.Tensor) -> None:
         """The greedy token from ``logits`` (B, V): generate's MinNewTokens processor, argmax, padding after the
-        end; then the buffers move one step on."""
+        end; then the buffers move one step on. Nothing here waits for the host: a graph captures it."""
+        state, eos = self.state, self.eos
         blocked = logits.index_fill(-1, eos, float("-inf")) if len(eos) else logits
-        logits = torch.where(state["step"] < min_new, blocked, logits)
-        if span is not None:
-            logits = end_after(logits, state["step"], state["first"], *span, int(eos[0]))
-        token = logits.argmax(-1).masked_fill(state["finished"], pad_token_id)
+        logits = torch.where(state["step"] < self.min_new, blocked, logits)
+        if self.span is not None:
+            from ..rehearsal.answers import end_after
+
+            logits = end_after(logits, state["step"], state["first"], *self.span, eos[:1])
+        token = logits.argmax(-1).masked_fill(state["finished"], self.pad)
         state["out"].index_copy_(1, state["step"].view(1), token[:, None])
         state["first"].copy_(torch.where(state["step"] == 0, token, state["first"]))
         state["finished"] |= torch.isin(token, eos)
@@ -174,32 +177,70 @@ def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: b
         state["slot"] += 1
         state["mask"].index_fill_(-1, state["slot"], 0.0)
 
-    def step() -> None:
-        out = model(input_ids=state["token"], attention_mask=state["mask"], position_ids=state["position"],
-                    cache_position=state["slot"], use_cache=True, logits_to_keep=1, **{name: cache})
-        choose(out.logits[:, -1].float())
+    def step(self) -> None:
+        """One new token for every row, from the buffers into the buffers."""
+        s = self.state
+        out = self.model(input_ids=s["token"], attention_mask=s["mask"], position_ids=s["position"],
+                         cache_position=s["slot"], use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        self.choose(out.logits[:, -1].float())
 
-    choose(logits.float())
-    graph = None
-    for t in range(1, new):
-        if t % 4 == 0 and bool(state["finished"].all()):  # every row has ended (a sync, so not every step)
-            break
-        if graphs and graph is None and t >= 2:  # step 1 ran eagerly: the warm-up a capture needs
-            graph = _capture(step)
-            graphs = graph is not None
-        if graph is not None:
-            graph.replay()
+    @torch.inference_mode()
+    def __call__(self, inputs: dict) -> torch.Tensor:
+        """``(B, prompt + new)`` token ids of one batch, as ``model.generate`` returns them for greedy decoding."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prompt, state = self.prompt, self.state
+        positions = mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, 1)  # as generate() numbers left-padded prompts
+        self.cache.reset()  # the last batch's keys and values
+        state["position"].copy_(positions[:, -1:])
+        state["slot"].fill_(prompt - 1)
+        state["step"].zero_()
+        state["finished"].zero_()
+        state["first"].zero_()
+        state["out"].fill_(self.pad)
+        state["mask"].fill_(torch.finfo(self.model.dtype).min)
+        state["mask"][:, 0, 0, :prompt].masked_fill_(mask.bool(), 0.0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            pixel_values=inputs["pixel_values"], cache_position=torch.arange(prompt, device=ids.device),
+                            use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache}).logits[:, -1]
+        self.choose(logits.float())
+        for t in range(1, self.new):
+            if t % 4 == 0 and bool(state["finished"].all()):  # every row has ended (a sync, so not every step)
+                break
+            if self.graphs and self.graph is None and t >= 2:  # step 1 ran eagerly: the warm-up a capture needs
+                self.graph = _capture(self.step)
+                self.graphs = self.graph is not None
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+        out = state["out"]
+        if bool(state["finished"].all()):  # generate stops at the step where the last row ended
+            last = int((out[:, :, None] == self.eos).any(-1).long().argmax(-1).max())
+            out = out[:, : last + 1]
         else:
-            step()
-    out = state["out"]
-    ended = state["finished"].cpu()
-    if bool(ended.all()):  # generate stops at the step where the last row ended
-        last = int((out[:, :, None] == eos).any(-1).long().argmax(-1).max())
-        out = out[:, : last + 1]
-    else:
-        done = int(state["step"])
-        out = out[:, :done]
-    return torch.cat([ids, out], dim=1)
+            out = out[:, : int(state["step"])]
+        return torch.cat([ids, out], dim=1)
+
+
+def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: bool | None = None,
+                   reuse: dict | None = None) -> torch.Tensor:
+    """``(B, prompt + new)`` token ids, as ``model.generate`` returns them for greedy decoding. ``graphs``: replay
+    the steps from a CUDA graph (default: on a CUDA device, unless a capture has failed in this process).
+    ``reuse``: a dict that a caller keeps across its batches (:func:`hw3lib.llava.caption_records` keeps one per
+    call): a batch of the shape of the last one reuses its cache and graph; one of another shape lets them go first,
+    so at most one is held."""
+    ids = inputs["input_ids"]
+    graphs = ids.device.type == "cuda" and not _capture_failed if graphs is None else graphs
+    key = (tuple(ids.shape), generation.max_new_tokens, generation.min_new_tokens, pad_token_id, id(model), graphs)
+    steps = reuse.get(key) if reuse is not None else None
+    if steps is None:
+        if reuse:
+            reuse.clear()  # the other shape's cache and graph go before this one's are made
+        steps = GreedySteps(model, ids.shape[0], ids.shape[1], generation, pad_token_id, ids.device, graphs)
+        if reuse is not None:
+            reuse[key] = steps
+    return steps(inputs)
 
 
 # ---------------------------------------------------------------------------- beam search with the prompt once

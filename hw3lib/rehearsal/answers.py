@@ -28,13 +28,16 @@ def answer_tokens(model) -> tuple[int, int] | None:
 
 
 def end_after(scores: torch.Tensor, new_tokens: torch.Tensor | int, first: torch.Tensor, low: int, high: int,
-              eos: int) -> torch.Tensor:
+              eos: torch.Tensor | int) -> torch.Tensor:
     """``scores`` (rows, vocabulary) with the end token forced in every row that has produced its length, ``low +
-    first % (high - low + 1)`` new tokens, ``first`` being the row's first new token. Tensor operations only (no
-    branch on values), so that a CUDA graph can capture it."""
+    first % (high - low + 1)`` new tokens, ``first`` being the row's first new token. Given ``new_tokens`` and
+    ``eos`` (the end token's id) as tensors on ``scores``' device, nothing here reads from or copies to the host, so
+    that a CUDA graph can capture it (:class:`hw3lib.llava.decoding.GreedySteps`)."""
     length = low + first % (high - low + 1)
-    done = (torch.as_tensor(new_tokens, device=scores.device) >= length)[:, None]
-    only_eos = torch.full_like(scores, float("-inf")).index_fill(-1, torch.tensor([eos], device=scores.device), 0.0)
+    new_tokens = new_tokens if torch.is_tensor(new_tokens) else torch.tensor(new_tokens, device=scores.device)
+    eos = eos.view(1) if torch.is_tensor(eos) else torch.tensor([eos], device=scores.device)
+    done = (new_tokens >= length)[:, None]
+    only_eos = torch.full_like(scores, float("-inf")).index_fill(-1, eos, 0.0)
     return torch.where(done, only_eos, scores)
 
 
