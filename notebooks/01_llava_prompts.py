@@ -131,21 +131,20 @@ att = attention_maps(model, processor, load_image(records[0].image_path), next(i
                      LlavaGeneration(max_new_tokens=6))
 full = torch.cat([enc["input_ids"], torch.tensor([att.token_ids])], dim=1).to(model.device)  # prompt + answer
 before = {k: getattr(cfg, k)._attn_implementation for k in ("text_config", "vision_config")}
+t, layer = min(1, len(att.token_ids) - 1), cfg.text_config.num_hidden_layers - 1
 model.set_attn_implementation("eager")
 try:
-    with torch.no_grad():
-        res = model(input_ids=full, pixel_values=enc["pixel_values"].to(model.device, model.dtype),
-                    attention_mask=torch.ones_like(full), output_attentions=True, logits_to_keep=1)
+    with torch.no_grad():  # every layer's (1, heads, positions, positions) matrix; the last layer's is kept
+        last = model(input_ids=full, pixel_values=enc["pixel_values"].to(model.device, model.dtype),
+                     attention_mask=torch.ones_like(full), output_attentions=True, logits_to_keep=1).attentions[layer]
 finally:
     model.set_attn_implementation(before)
-t, layer = min(1, len(att.token_ids) - 1), cfg.text_config.num_hidden_layers - 1
 side = cfg.vision_config.image_size // cfg.vision_config.patch_size  # the vision tower's grid: side x side
-row = res.attentions[layer][0, :, len(ids) - 1 + t, start:stop]  # (heads, image positions): the query predicting t
+row = last[0, :, len(ids) - 1 + t, start:stop]  # (heads, image positions): the query predicting t
 by_hand = row[:, -side * side:].float().reshape(-1, side, side)  # a leading CLS position, if kept, left out
 assert torch.allclose(by_hand.cpu(), torch.as_tensor(att.maps[t, layer]), atol=1e-3)
 print(f"token {t} of the answer {tok.convert_ids_to_tokens(att.token_ids)}: its map in the last layer, "
       f"{tuple(by_hand.shape)} (heads x grid), equals hw3lib's")
-del res, row  # every layer's attention matrices stay on the GPU otherwise: about 0.7 GiB beside the sweep
 
 # %% [markdown]
 # ## The sweep: instructions × generation configs
