@@ -52,14 +52,17 @@ def caption_records(model, processor, records: list[Record], instruction: str = 
     out: dict[str, str] = {}
     reuse: dict = {}  # greedy from a CUDA graph: the graph and its cache, for the next batch of the same shape
     with tqdm(total=len(records), desc="llava captions", unit="img", disable=not progress) as bar:
-        for inputs, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
-            ids = generate(model, inputs, generation, tok.pad_token_id, reuse=reuse)
-            texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
-            out.update(batch)
-            if on_batch is not None:
-                on_batch(batch)
-            bar.update(len(index))
+        try:
+            for inputs, index in _batches(records, processor, prompt, dtype, device, batch_size, num_workers):
+                ids = generate(model, inputs, generation, tok.pad_token_id, reuse=reuse)
+                texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                batch = {records[i].file_id: postprocess(t, first_sentence) for i, t in zip(index, texts)}
+                out.update(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+                bar.update(len(index))
+        finally:  # an error's traceback keeps this frame: the cache and graph must not stay on the card with it
+            reuse.clear()
     return out
 
 

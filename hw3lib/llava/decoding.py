@@ -102,8 +102,11 @@ def _capture(step):
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     try:
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread may call the CUDA API while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
+    except torch.OutOfMemoryError:
+        raise  # the card is too small for this batch: say so, rather than decode slowly from now on
     except RuntimeError as e:
         warnings.warn(f"greedy decoding could not be captured in a CUDA graph ({str(e).splitlines()[0][:200]}); "
                       f"its steps run one by one", stacklevel=3)
@@ -228,11 +231,14 @@ def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: b
     """``(B, prompt + new)`` token ids, as ``model.generate`` returns them for greedy decoding. ``graphs``: replay
     the steps from a CUDA graph (default: on a CUDA device, unless a capture has failed in this process).
     ``reuse``: a dict that a caller keeps across its batches (:func:`hw3lib.llava.caption_records` keeps one per
-    call): a batch of the shape of the last one reuses its cache and graph; one of another shape lets them go first,
-    so at most one is held."""
+    call, and empties it when it returns): a batch of the shape of the last one (and the same model and limits)
+    reuses its cache and graph; any other lets them go first, so at most one is held."""
     ids = inputs["input_ids"]
     graphs = ids.device.type == "cuda" and not _capture_failed if graphs is None else graphs
-    key = (tuple(ids.shape), generation.max_new_tokens, generation.min_new_tokens, pad_token_id, id(model), graphs)
+    from ..rehearsal.answers import answer_tokens
+
+    key = (tuple(ids.shape), str(ids.device), generation.max_new_tokens, generation.min_new_tokens, pad_token_id,
+           id(model), model.dtype, str(model.generation_config.eos_token_id), answer_tokens(model), graphs)
     steps = reuse.get(key) if reuse is not None else None
     if steps is None:
         if reuse:
