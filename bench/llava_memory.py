@@ -144,4 +144,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hw3lib.data import DataError
+    from hw3lib.workbook import ConfigError
+
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, OSError) as e:  # a wrong config, data folder or model: one line
+        sys.exit(f"llava_memory: {e}")

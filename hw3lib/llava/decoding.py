@@ -136,7 +136,7 @@ class GreedySteps:
                  graphs: bool):
         from transformers import StaticCache
 
-        from ..rehearsal.answers import answer_tokens
+        from ..rehearsal.answers import answer_tokens, end_after
 
         self.model, self.prompt, self.new, self.pad = model, prompt, generation.max_new_tokens, pad_token_id
         self.graphs, self.graph = graphs, None
@@ -144,6 +144,7 @@ class GreedySteps:
         self.eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
         self.min_new = torch.tensor(generation.min_new_tokens, device=device)
         self.span = answer_tokens(model)  # the rehearsal's random LLaVA: answers of 8-20 tokens (rehearsal/answers.py)
+        self.end_after = end_after
         total = prompt + self.new
         self.cache = StaticCache(config=model.config, max_cache_len=total)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -167,9 +168,7 @@ class GreedySteps:
         blocked = logits.index_fill(-1, eos, float("-inf")) if len(eos) else logits
         logits = torch.where(state["step"] < self.min_new, blocked, logits)
         if self.span is not None:
-            from ..rehearsal.answers import end_after
-
-            logits = end_after(logits, state["step"], state["first"], *self.span, eos[:1])
+            logits = self.end_after(logits, state["step"], state["first"], *self.span, eos[:1])
         token = logits.argmax(-1).masked_fill(state["finished"], self.pad)
         state["out"].index_copy_(1, state["step"].view(1), token[:, None])
         state["first"].copy_(torch.where(state["step"] == 0, token, state["first"]))
@@ -233,10 +232,10 @@ def graphed_greedy(model, inputs: dict, generation, pad_token_id: int, graphs: b
     ``reuse``: a dict that a caller keeps across its batches (:func:`hw3lib.llava.caption_records` keeps one per
     call, and empties it when it returns): a batch of the shape of the last one (and the same model and limits)
     reuses its cache and graph; any other lets them go first, so at most one is held."""
-    ids = inputs["input_ids"]
-    graphs = ids.device.type == "cuda" and not _capture_failed if graphs is None else graphs
     from ..rehearsal.answers import answer_tokens
 
+    ids = inputs["input_ids"]
+    graphs = ids.device.type == "cuda" and not _capture_failed if graphs is None else graphs
     key = (tuple(ids.shape), str(ids.device), generation.max_new_tokens, generation.min_new_tokens, pad_token_id,
            id(model), model.dtype, str(model.generation_config.eos_token_id), answer_tokens(model), graphs)
     steps = reuse.get(key) if reuse is not None else None
