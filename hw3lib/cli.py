@@ -68,8 +68,8 @@ def _instruction(text: str) -> str:
     return text
 
 
-def _check_device(device: str | None, load_in_4bit: bool = False) -> None:
-    """Before any loading (25-35 s for LLaVA): a device this machine has, and bitsandbytes for 4-bit."""
+def _check_device(device: str | None, load_in_4bit: bool = False, load_in_8bit: bool = False) -> None:
+    """Before any loading (25-35 s for LLaVA): a device this machine has, and bitsandbytes for 4 or 8 bits."""
     import torch
 
     if device is not None:
@@ -81,14 +81,18 @@ def _check_device(device: str | None, load_in_4bit: bool = False) -> None:
             raise ValueError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use")
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"--device {device}: the workbook runs on cuda or cpu")
-    if load_in_4bit:
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
+    if load_in_4bit or load_in_8bit:
         import importlib.util
 
+        flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("--load-in-4bit needs bitsandbytes: pip install -e \".[gpu]\" "
-                             "(or pip install bitsandbytes)")
+            raise ValueError(f"{flag} needs bitsandbytes: pip install -e \".[gpu]\" (or pip install bitsandbytes)")
         if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-            raise ValueError("--load-in-4bit runs on a CUDA GPU only (bitsandbytes' 4-bit layers)")
+            raise ValueError(f"{flag} runs on a CUDA GPU only (bitsandbytes' {flag[10]}-bit layers)")
+
+
 TOP_P = _in_range(0.0, 1.0, low_open=True, high_open=False)
 DROPOUT = _in_range(0.0, 1.0, low_open=False, high_open=True)
 TEMPERATURE = _in_range(0.0, float("inf"), low_open=False, high_open=True)
@@ -238,7 +242,7 @@ def _cmd_llava_caption(args) -> int:
     out = check_output_file(args.out_json, "OUT json")
     list_images(args.images)
     if not args.random_weights:
-        _check_device(args.device, args.load_in_4bit)
+        _check_device(args.device, args.load_in_4bit, args.load_in_8bit)
     if args.deterministic:  # before the first CUDA kernel: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         import torch
@@ -247,7 +251,7 @@ def _cmd_llava_caption(args) -> int:
     dist = setup()  # one process per GPU under torchrun / accelerate launch; else one process
     device = dist.device(args.device) if dist.active else args.device
     load = LlavaLoad(str(args.processor or args.model) if args.random_weights else str(args.model),
-                     load_in_4bit=args.load_in_4bit, fast_kernels=args.liger,
+                     load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, fast_kernels=args.liger,
                      device=str(device) if device is not None else None, random_weights=args.random_weights)
     model, processor = load.load()  # random weights: the 7B architecture, for its speed without the download
     if args.cache == "static+graphs" and device_of(model).type != "cuda":
@@ -484,6 +488,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         lc.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
         lc.add_argument("--random-weights", action="store_true", help="the architecture without weights (benchmarks)")
         lc.add_argument("--load-in-4bit", action="store_true", help="4-bit language model (needs bitsandbytes)")
+        lc.add_argument("--load-in-8bit", action="store_true",
+                        help="8-bit language model (bitsandbytes' LLM.int8): between bf16 and 4-bit in memory")
         lc.add_argument("--liger", action="store_true",
                         help="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel; "
                              "GPU): a shorter prefill (docs/benchmarks.md)")

@@ -153,6 +153,28 @@ def clip_score(scorer: ClipScorer, predictions: dict[str, str], image_dir: str |
     return float(scores.mean()), {k: float(s) for k, s in zip(keys, scores)}
 
 
+def token_agreement(reference: dict[str, list[int]], other: dict[str, list[int]]) -> dict:
+    """How closely ``other``'s token sequences follow ``reference``'s, key by key (e.g. the captions of a 4-bit model
+    against bf16's, tokenised): ``exact``, the share of keys whose sequences are equal; ``prefix``, the mean of
+    (tokens before the first difference) / (the longer sequence's length), 1.0 for equal ones, so that a caption that
+    stops early or runs on counts as differing where it does; ``first_difference``, the mean position of the first
+    difference among the sequences that differ (None where none do)."""
+    if set(reference) != set(other):
+        raise ValueError(f"token_agreement: the two sides caption different images "
+                         f"({len(set(reference) ^ set(other))} keys on one side only)")
+    if not reference:
+        raise ValueError("token_agreement: nothing to compare")
+    shares, firsts = [], []
+    for key, ref in reference.items():
+        oth, longer = other[key], max(len(reference[key]), len(other[key]))
+        same = next((i for i, (a, b) in enumerate(zip(ref, oth)) if a != b), min(len(ref), len(oth)))
+        shares.append(1.0 if longer == 0 else same / longer)
+        if same < longer:
+            firsts.append(same)
+    return {"exact": sum(s == 1.0 for s in shares) / len(shares), "prefix": float(np.mean(shares)),
+            "first_difference": float(np.mean(firsts)) if firsts else None}
+
+
 def evaluate(pred_path: str | Path, annotation_path: str | Path, images_dir: str | Path,
              clip: ClipScorer | ClipConfig | None = None) -> dict:
     """The course's evaluate.py: CIDEr and CLIPScore of a predictions file, plus per-image scores."""

@@ -171,6 +171,9 @@ CASES = [
     ("llava-device-cuda-without-gpu", "llava-caption {val_images} {s}/o.json {llava} --device cuda", 2,
      ["--device cuda", "no CUDA GPU"]),  # skipped where there is a GPU
     ("llava-4bit-on-cpu", "llava-caption {val_images} {s}/o.json {llava} --load-in-4bit", 2, ["--load-in-4bit"]),
+    ("llava-8bit-on-cpu", "llava-caption {val_images} {s}/o.json {llava} --load-in-8bit", 2, ["--load-in-8bit"]),
+    ("llava-4bit-and-8bit", "llava-caption {val_images} {s}/o.json {llava} --load-in-4bit --load-in-8bit", 2,
+     ["--load-in-4bit and --load-in-8bit: choose one"]),
     ("llava-empty-prompt", "llava-caption {val_images} {s}/o.json {llava} --prompt ''", 2,
      ["--prompt", "instruction is empty"]),
     ("llava-min-above-max", "llava-caption {val_images} {s}/o.json {llava} --min-new-tokens 50 --max-new-tokens 5",

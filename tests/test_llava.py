@@ -462,3 +462,9 @@ def test_the_best_of_a_sweep_on_fewer_images_captions_only_the_others(llava, mod
     captioned.clear()
     assert best_on_all(best, model, processor, records, instructions, gens, tmp_path / "p1-best", refs, **how) == row
     assert captioned == []
+
+
+def test_four_and_eight_bits_at_once_is_refused_before_loading(tmp_path):
+    # before anything is read: the folder does not even exist
+    with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit: choose one"):
+        load_llava(tmp_path / "no_model", load_in_4bit=True, load_in_8bit=True)

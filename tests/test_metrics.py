@@ -11,7 +11,7 @@ import hw3lib.cider as cider_module
 import hw3lib.image_batches as image_batches
 import hw3lib.metrics as metrics
 from hw3lib.data import DataError, load_image, load_split
-from hw3lib.metrics import auc, cider, clip_score, evaluate
+from hw3lib.metrics import auc, cider, clip_score, evaluate, token_agreement
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,34 @@ def test_the_common_caption_baseline_is_the_most_frequent_training_caption_under
     assert np.isnan(metrics.common_caption_baseline(train, val, None, world).clipscore)
     with pytest.raises(ValueError, match="no training captions"):
         metrics.common_caption_baseline([], val, None, world)
+
+
+def test_token_agreement_against_a_plain_loop():
+    rng = np.random.default_rng(0)
+    reference, other = {}, {}
+    for i in range(200):  # short sequences over 4 tokens: equal ones, a late difference, one stopping early ...
+        ref = rng.integers(0, 4, rng.integers(0, 6)).tolist()
+        oth = list(ref)
+        if rng.random() < 0.6 and oth:
+            oth[rng.integers(len(oth))] = int(rng.integers(0, 4))
+        if rng.random() < 0.3:
+            oth = oth[: rng.integers(len(oth) + 1)] if rng.random() < 0.5 else oth + [1]
+        reference[f"k{i}"], other[f"k{i}"] = ref, oth
+    shares, firsts = [], []
+    for k in reference:
+        a, b = reference[k], other[k]
+        n = 0
+        while n < len(a) and n < len(b) and a[n] == b[n]:
+            n += 1
+        longer = max(len(a), len(b))
+        shares.append(n / longer if longer else 1.0)
+        if a != b:
+            firsts.append(n)
+    got = token_agreement(reference, other)
+    assert got["exact"] == pytest.approx(sum(reference[k] == other[k] for k in reference) / 200)
+    assert got["prefix"] == pytest.approx(np.mean(shares)) and got["first_difference"] == pytest.approx(np.mean(firsts))
+    assert 0.2 < got["exact"] < 0.9  # the draw mixes equal and differing pairs
+    assert token_agreement({"a": [1, 2, 3]}, {"a": [1, 2]}) == {"exact": 0.0, "prefix": 2 / 3, "first_difference": 2}
+    assert token_agreement({"a": [5]}, {"a": [5]})["first_difference"] is None
+    with pytest.raises(ValueError, match="different images"):
+        token_agreement({"a": [1]}, {"b": [1]})

@@ -23,8 +23,9 @@ class LlavaLoad:
 
     model: str = REAL_MODEL_ID  # a local folder (saved with save_pretrained) or a hub id
     load_in_4bit: bool = False  # the language model in 4 bits (bitsandbytes; GPU only)
+    load_in_8bit: bool = False  # or in 8 bits (bitsandbytes' LLM.int8; GPU only): not with load_in_4bit
     fast_kernels: bool = False  # Liger's kernels in the prefill (:func:`use_fast_kernels`) where installed, on a GPU,
-    # not with load_in_4bit
+    # not with load_in_4bit / load_in_8bit
     device: str | None = None  # None: cuda when available, else cpu
     random_weights: bool = False  # llava-1.5-7b's architecture with random weights, driven by ``model``'s processor
     # (benchmarks and dry runs without the download: :func:`hw3lib.rehearsal.weights.random_llava`)
@@ -32,11 +33,12 @@ class LlavaLoad:
     def load(self):
         """``(model, processor)``, ready for :func:`hw3lib.llava.caption_records`."""
         if not self.random_weights:
-            return load_llava(self.model, self.device, load_in_4bit=self.load_in_4bit, fast_kernels=self.fast_kernels)
+            return load_llava(self.model, self.device, load_in_4bit=self.load_in_4bit,
+                              load_in_8bit=self.load_in_8bit, fast_kernels=self.fast_kernels)
         from ..rehearsal.weights import random_llava
 
         model, processor = random_llava(self.model, device=self.device or "cuda")
-        if self.fast_kernels and not self.load_in_4bit and not use_fast_kernels(model):
+        if self.fast_kernels and not (self.load_in_4bit or self.load_in_8bit) and not use_fast_kernels(model):
             _no_fast_kernels()
         return model, processor
 
@@ -119,18 +121,23 @@ def _from_pretrained(cls, name: str, cache_only: bool, **kw):
 
 
 def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dtype: torch.dtype | None = None,
-               load_in_4bit: bool = False, attn_implementation: str = "sdpa", fast_kernels: bool = False):
+               load_in_4bit: bool = False, attn_implementation: str = "sdpa", fast_kernels: bool = False,
+               load_in_8bit: bool = False):
     """``(model, processor)`` ready for :func:`caption_records`.
 
     Args:
         model: a local folder or a hub id (the cache is tried first, so a downloaded model works offline).
         device: ``cuda`` when available, else ``cpu``. dtype: bf16 on CUDA, fp32 on the CPU.
-        load_in_4bit: quantise the language model with bitsandbytes (GPU only).
+        load_in_4bit: quantise the language model with bitsandbytes (GPU only): NF4 weights, matrix products in
+            ``dtype``. load_in_8bit: bitsandbytes' LLM.int8 instead (GPU only). Not both.
         fast_kernels: Liger's fused kernels in the prefill (:func:`use_fast_kernels`), where installed, on a GPU.
 
     Random weights at the real architecture (benchmarks, dry runs) are :func:`hw3lib.rehearsal.weights.random_llava`.
     """
     name = str(model)
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit: choose one")
+    quantised = load_in_4bit or load_in_8bit
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,19 +146,21 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     processor = _from_pretrained(AutoProcessor, *resolved)
     processor.tokenizer.padding_side = "left"
     kw: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if load_in_4bit:
+    if quantised:
         try:
             from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise RuntimeError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+            raise RuntimeError(f"load_in_{4 if load_in_4bit else 8}bit needs bitsandbytes: pip install bitsandbytes") \
+                from None
+        kw["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+                                     if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
         kw["device_map"] = {"": device}
     net = _from_pretrained(LlavaForConditionalGeneration, *resolved, **kw)
-    if not load_in_4bit:
+    if not quantised:
         net.to(device)
     net.eval()
-    if fast_kernels and not load_in_4bit and not use_fast_kernels(net):
+    if fast_kernels and not quantised and not use_fast_kernels(net):
         _no_fast_kernels()
     return net, processor
 
