@@ -93,7 +93,9 @@ def main() -> None:
     cap = apply_gpu_cap()  # HW3_GPU_CAP_GIB: a smaller card
     records = list_images(args.images)[: args.num_images]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out = {"device": device, "torch": torch.__version__, "model": args.model, "images": len(records),
+    model = Path(args.model).resolve()
+    shown = str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model  # no machine's path in the JSON
+    out = {"device": device, "torch": torch.__version__, "model": shown, "images": len(records),
            "batch": args.batch, "max_new_tokens": args.max_new_tokens, "cache": args.cache, "gpu_cap_gib": cap,
            "against": args.modes[0], "runs": []}
     print(f"device: {device}; torch {torch.__version__}; cap {cap} GiB; {len(records)} images", flush=True)
