@@ -87,8 +87,9 @@ def _check_device(device: str | None, load_in_4bit: bool = False, load_in_8bit: 
         import importlib.util
 
         flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"{flag} needs bitsandbytes: pip install -e \".[gpu]\" (or pip install bitsandbytes)")
+        missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:  # transformers' quantiser needs both, and would say so only after the processor had loaded
+            raise ValueError(f"{flag} needs {' and '.join(missing)}: pip install -e \".[gpu]\"")
         if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
             raise ValueError(f"{flag} runs on a CUDA GPU only (bitsandbytes' {flag[10]}-bit layers)")
 
@@ -554,8 +555,13 @@ def _out_of_memory(e: BaseException, args) -> str | None:
     head = oom_head(str(e), os.environ.get("HW3_GPU_CAP_GIB"))
     batch = getattr(args, "batch_size", None)
     smaller = f"--batch-size {max(1, batch // 2)}" if batch else "a smaller --batch-size"
-    advice = {"llava-caption": f"batch {batch} does not fit: try {smaller}, or --load-in-4bit (configs/hw3-12gb.yaml "
-                               "does both for a 12 GB card)",
+    if getattr(args, "load_in_4bit", False):
+        bits = ""  # nothing fewer to offer
+    else:
+        bits = (", or --load-in-4bit" if getattr(args, "load_in_8bit", False) else
+                ", or fewer bits: --load-in-8bit or --load-in-4bit") + \
+            " (configs/hw3-12gb.yaml: 4-bit and batch 8 for a 12 GB card)"
+    advice = {"llava-caption": f"batch {batch} does not fit: try {smaller}{bits}",
               "train": f"batch {batch} does not fit: try {smaller}, or a larger --pool (fewer visual tokens)",
               "caption": f"batch {batch} does not fit: try {smaller}",
               "evaluate": f"batch {batch} does not fit: try {smaller}"}.get(args.command, "use a smaller batch")

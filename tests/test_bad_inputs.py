@@ -174,6 +174,8 @@ CASES = [
     ("llava-8bit-on-cpu", "llava-caption {val_images} {s}/o.json {llava} --load-in-8bit", 2, ["--load-in-8bit"]),
     ("llava-4bit-and-8bit", "llava-caption {val_images} {s}/o.json {llava} --load-in-4bit --load-in-8bit", 2,
      ["--load-in-4bit and --load-in-8bit: choose one"]),
+    ("llava-random-weights-in-4bit", "llava-caption {val_images} {s}/o.json --random-weights --processor "
+     + str(DEMO / "llava") + " --load-in-4bit --device cpu", 2, ["random weights are built in bf16", "load_in_4bit"]),
     ("llava-empty-prompt", "llava-caption {val_images} {s}/o.json {llava} --prompt ''", 2,
      ["--prompt", "instruction is empty"]),
     ("llava-min-above-max", "llava-caption {val_images} {s}/o.json {llava} --min-new-tokens 50 --max-new-tokens 5",

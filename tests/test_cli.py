@@ -74,6 +74,12 @@ def test_out_of_memory_says_which_setting_to_lower():
     e = OutOfMemoryError("CUDA out of memory. Tried to allocate 200.00 MiB. GPU 0 has a total capacity of ...")
     said = _out_of_memory(e, argparse.Namespace(command="llava-caption", batch_size=16))
     assert said == ("out of GPU memory: tried to allocate 200.00 MiB; batch 16 does not fit: try --batch-size 8, or "
-                    "--load-in-4bit (configs/hw3-12gb.yaml does both for a 12 GB card)")
+                    "fewer bits: --load-in-8bit or --load-in-4bit (configs/hw3-12gb.yaml: 4-bit and batch 8 for a "
+                    "12 GB card)")
+    eight = _out_of_memory(e, argparse.Namespace(command="llava-caption", batch_size=16, load_in_8bit=True))
+    assert eight.endswith("try --batch-size 8, or --load-in-4bit (configs/hw3-12gb.yaml: 4-bit and batch 8 for a 12 GB "
+                          "card)")
+    four = _out_of_memory(e, argparse.Namespace(command="llava-caption", batch_size=16, load_in_4bit=True))
+    assert four.endswith("batch 16 does not fit: try --batch-size 8")
     assert "--batch-size 32" in _out_of_memory(e, argparse.Namespace(command="train", batch_size=64))
     assert _out_of_memory(ValueError("x"), argparse.Namespace(command="train")) is None

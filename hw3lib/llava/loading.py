@@ -35,10 +35,13 @@ class LlavaLoad:
         if not self.random_weights:
             return load_llava(self.model, self.device, load_in_4bit=self.load_in_4bit,
                               load_in_8bit=self.load_in_8bit, fast_kernels=self.fast_kernels)
+        if self.load_in_4bit or self.load_in_8bit:  # it would benchmark bf16 under a 4- or 8-bit name
+            raise ValueError("random weights are built in bf16: load_in_4bit / load_in_8bit do not apply (rehearse "
+                             "the 7B with `hw3 rehearse` and load it by name to quantise it)")
         from ..rehearsal.weights import random_llava
 
         model, processor = random_llava(self.model, device=self.device or "cuda")
-        if self.fast_kernels and not (self.load_in_4bit or self.load_in_8bit) and not use_fast_kernels(model):
+        if self.fast_kernels and not use_fast_kernels(model):
             _no_fast_kernels()
         return model, processor
 
@@ -129,7 +132,8 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
         model: a local folder or a hub id (the cache is tried first, so a downloaded model works offline).
         device: ``cuda`` when available, else ``cpu``. dtype: bf16 on CUDA, fp32 on the CPU.
         load_in_4bit: quantise the language model with bitsandbytes (GPU only): NF4 weights, matrix products in
-            ``dtype``. load_in_8bit: bitsandbytes' LLM.int8 instead (GPU only). Not both.
+            ``dtype``. load_in_8bit: bitsandbytes' LLM.int8 instead (GPU only; its products run in fp16, the bf16
+            inputs cast). Not both.
         fast_kernels: Liger's fused kernels in the prefill (:func:`use_fast_kernels`), where installed, on a GPU.
 
     Random weights at the real architecture (benchmarks, dry runs) are :func:`hw3lib.rehearsal.weights.random_llava`.
@@ -155,12 +159,17 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
                 from None
         kw["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
                                      if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
+        # LLM.int8 multiplies in fp16 and says so at every layer's first bf16 input: once is the docstring's job
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
         kw["device_map"] = {"": device}
     net = _from_pretrained(LlavaForConditionalGeneration, *resolved, **kw)
     if not quantised:
         net.to(device)
     net.eval()
-    if fast_kernels and not quantised and not use_fast_kernels(net):
+    if fast_kernels and quantised:
+        warnings.warn("fast_kernels: Liger's kernels serve bf16 layers, not bitsandbytes' quantised ones; PyTorch's "
+                      "kernels are used", stacklevel=2)
+    elif fast_kernels and not use_fast_kernels(net):
         _no_fast_kernels()
     return net, processor
 
