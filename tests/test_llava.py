@@ -1,4 +1,5 @@
 """hw3lib.llava on the committed LLaVA stand-in (a real LlavaForConditionalGeneration + processor)."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -468,3 +469,11 @@ def test_four_and_eight_bits_at_once_is_refused_before_loading(tmp_path):
     # before anything is read: the folder does not even exist
     with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit: choose one"):
         load_llava(tmp_path / "no_model", load_in_4bit=True, load_in_8bit=True)
+
+
+@pytest.mark.skipif(all(importlib.util.find_spec(m) for m in ("bitsandbytes", "accelerate")),
+                    reason="both installed: the load would go on")
+def test_a_quantised_load_without_its_packages_says_which_in_one_line():
+    with pytest.raises(RuntimeError, match=r'load_in_4bit needs bitsandbytes and accelerate \(\w+ is missing\): '
+                                           r'pip install -e "\.\[gpu\]"'):
+        load_llava("data/demo/models/llava", load_in_4bit=True)

@@ -182,6 +182,9 @@ def test_card_configs_extend_the_80_gb_one(tmp_path):
     assert small.notebooks == big.notebooks
     same = {k: v for k, v in small.parameters.items() if k in big.parameters and big.parameters[k] == v}
     assert same["llava_model"] == "llava-hf/llava-1.5-7b-hf" and same["num_epochs"] == big.parameters["num_epochs"]
+    # a student's card trains and captions for an hour or more in one cell: the bound is the 80 GB config's, inherited
+    assert small.cell_timeout == big.cell_timeout == 14400 and same["llava_cache"] == "static+graphs"
+    assert WorkbookConfig.load(wb.ROOT / "configs/demo.yaml").cell_timeout == 1800
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nprofile: x\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\nprofile: y\n")
     with pytest.raises(wb.ConfigError, match="goes round in a circle"):

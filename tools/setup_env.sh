@@ -32,6 +32,13 @@ if [[ -z "${HW3_PYTHON:-}" ]] && { [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$
     echo "[setup] pip install failed; the whole log is $_prefix/hw3lib-install.log" >&2
     exit 1
   fi
+  # on a CUDA machine also the GPU extras: bitsandbytes + accelerate (LLaVA in 4 or 8 bits, configs/hw3-12gb.yaml)
+  # and Liger's kernels; without them the rest works, and a 4-bit run says in one line what it lacks
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] a CUDA GPU: installing the GPU extras (bitsandbytes, accelerate, liger-kernel)"
+    "$PY" -m pip install --quiet -e ".[dev,gpu]" >> "$_prefix/hw3lib-install.log" 2>&1 \
+      || echo "[setup] note: the GPU extras did not install (4-bit LLaVA needs them); see $_prefix/hw3lib-install.log" >&2
+  fi
   # the notebooks' kernel, "hw3" (HW3 workbook), for this environment (--user adds one for a JupyterLab elsewhere)
   "$PY" -m hw3lib.kernel --install >> "$_prefix/hw3lib-install.log" 2>&1 \
     || echo "[setup] note: the Jupyter kernel 'hw3' was not registered; see $_prefix/hw3lib-install.log" >&2

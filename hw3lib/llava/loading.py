@@ -153,10 +153,11 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     if quantised:
         try:
             from transformers import BitsAndBytesConfig
+            import accelerate  # noqa: F401 -- transformers' bitsandbytes quantiser needs both
             import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise RuntimeError(f"load_in_{4 if load_in_4bit else 8}bit needs bitsandbytes: pip install bitsandbytes") \
-                from None
+        except ImportError as e:
+            raise RuntimeError(f"load_in_{4 if load_in_4bit else 8}bit needs bitsandbytes and accelerate ({e.name} is "
+                               f"missing): pip install -e \".[gpu]\"") from None
         kw["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
                                      if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
         # LLM.int8 multiplies in fp16 and says so at every layer's first bf16 input: once is the docstring's job
