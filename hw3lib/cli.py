@@ -84,11 +84,10 @@ def _check_device(device: str | None, load_in_4bit: bool = False, load_in_8bit: 
     if load_in_4bit and load_in_8bit:
         raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
     if load_in_4bit or load_in_8bit:
-        import importlib.util
+        from .llava.loading import quantisation_missing
 
         flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
-        missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
-        if missing:  # transformers' quantiser needs both, and would say so only after the processor had loaded
+        if missing := quantisation_missing():
             raise ValueError(f"{flag} needs {' and '.join(missing)}: pip install -e \".[gpu]\"")
         if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
             raise ValueError(f"{flag} runs on a CUDA GPU only (bitsandbytes' {flag[10]}-bit layers)")

@@ -166,7 +166,8 @@ def token_agreement(reference: dict[str, list[int]], other: dict[str, list[int]]
         raise ValueError("token_agreement: nothing to compare")
     shares, firsts = [], []
     for key, ref in reference.items():
-        oth, longer = other[key], max(len(reference[key]), len(other[key]))
+        oth = other[key]
+        longer = max(len(ref), len(oth))
         same = next((i for i, (a, b) in enumerate(zip(ref, oth)) if a != b), min(len(ref), len(oth)))
         shares.append(1.0 if longer == 0 else same / longer)
         if same < longer:

@@ -34,7 +34,7 @@ if [[ -z "${HW3_PYTHON:-}" ]] && { [[ ! -f "$_stamp" || "$(cat "$_stamp")" != "$
   fi
   # on a CUDA machine also the GPU extras: bitsandbytes + accelerate (LLaVA in 4 or 8 bits, configs/hw3-12gb.yaml)
   # and Liger's kernels; without them the rest works, and a 4-bit run says in one line what it lacks
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi -L >/dev/null 2>&1; then  # bounded: a wedged driver
     echo "[setup] a CUDA GPU: installing the GPU extras (bitsandbytes, accelerate, liger-kernel)"
     "$PY" -m pip install --quiet -e ".[dev,gpu]" >> "$_prefix/hw3lib-install.log" 2>&1 \
       || echo "[setup] note: the GPU extras did not install (4-bit LLaVA needs them); see $_prefix/hw3lib-install.log" >&2

@@ -142,6 +142,9 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit: choose one")
     quantised = load_in_4bit or load_in_8bit
+    if quantised and (missing := quantisation_missing()):  # before the processor loads, not after
+        raise RuntimeError(f"load_in_{4 if load_in_4bit else 8}bit needs {' and '.join(missing)}: "
+                           f"pip install -e \".[gpu]\"")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,13 +154,8 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     processor.tokenizer.padding_side = "left"
     kw: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantised:
-        try:
-            from transformers import BitsAndBytesConfig
-            import accelerate  # noqa: F401 -- transformers' bitsandbytes quantiser needs both
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(f"load_in_{4 if load_in_4bit else 8}bit needs bitsandbytes and accelerate ({e.name} is "
-                               f"missing): pip install -e \".[gpu]\"") from None
+        from transformers import BitsAndBytesConfig
+
         kw["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
                                      if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
         # LLM.int8 multiplies in fp16 and says so at every layer's first bf16 input: once is the docstring's job
@@ -173,6 +171,13 @@ def load_llava(model: str | Path = REAL_MODEL_ID, device: str | None = None, dty
     elif fast_kernels and not use_fast_kernels(net):
         _no_fast_kernels()
     return net, processor
+
+
+def quantisation_missing() -> list[str]:
+    """What a 4- or 8-bit load lacks of the two packages transformers' bitsandbytes quantiser needs (``[]``: none)."""
+    import importlib.util
+
+    return [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
 
 
 def use_fast_kernels(model) -> bool:
