@@ -18,6 +18,7 @@ AT_LEAST = {name: 1 for name in ("num_show", "llava_num_show", "llava_batch_size
                                  "lora_alpha", "attempt_lora_r", "num_epochs", "max_new_tokens", "batch_size",
                                  "eval_images", "num_beams", "score_batch_size")}
 AT_LEAST.update({name: 0 for name in ("seed", "llava_num_images", "llava_sweep_images", "llava_num_workers",
+                                      "llava_greedy_batch_size",
                                       "captions_per_image", "max_train_images", "no_repeat_ngram_size",
                                       "pointing_images", "attempt_epochs")})
 ABOVE = {"lr": 0.0}  # strictly

@@ -396,8 +396,9 @@ def oom_head(message: str, cap: str | None = None) -> str:
 
 
 _OOM_ADVICE = {  # what to lower in each notebook, on a card too small for its config
-    "01_llava_prompts": "lower llava_batch_size (-p llava_batch_size 4), or take the config for a smaller card "
-                        "(configs/hw3-24gb.yaml, configs/hw3-12gb.yaml: LLaVA in 4-bit)",
+    "01_llava_prompts": "lower llava_batch_size (-p llava_batch_size 4) and llava_greedy_batch_size where it is set, "
+                        "or take the config for a smaller card (configs/hw3-24gb.yaml, configs/hw3-12gb.yaml: LLaVA "
+                        "in 4-bit)",
     "02_train_lora_captioner": "in training, run it again with fewer captions per step (--only "
                                "02_train_lora_captioner -p batch_size 32) or pool the visual tokens (-p pool 2); in "
                                "the val scores, with fewer images per call (-p score_batch_size 16)",

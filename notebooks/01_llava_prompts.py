@@ -37,6 +37,7 @@ llava_first_sentence: bool = False  # keep only the first sentence of each answe
 llava_num_images: int = 0  # caption only the first N p1 images (0: all)
 llava_sweep_images: int = 0  # compare the settings on the first N of them (0: all); the best then captions all
 llava_batch_size: int = 16  # images per generate() call
+llava_greedy_batch_size: int = 0  # images per call of the settings without beam search (0: llava_batch_size)
 llava_num_workers: int = 2  # DataLoader workers decoding images
 llava_load_in_4bit: bool = False  # 4-bit language model (needs bitsandbytes and a GPU)
 llava_fast_kernels: bool = False  # Liger's fused kernels in the prefill (pip install liger-kernel; GPU)
@@ -161,7 +162,8 @@ if P.llava_gpus > 1:  # a process per GPU loads the model: this process's copy w
     gc.collect()
     torch.cuda.empty_cache()
 how = dict(scorer=scorer, extra_scores=extra, batch_size=P.llava_batch_size, num_workers=P.llava_num_workers,
-           first_sentence=P.llava_first_sentence, load=load, gpus=P.llava_gpus)
+           first_sentence=P.llava_first_sentence, load=load, gpus=P.llava_gpus,
+           greedy_batch_size=P.llava_greedy_batch_size)
 rows = sweep(model, processor, compared, P.llava_instructions, generations, out / "p1", references, **how)
 columns = ["instruction_name", "generation", "cider", "clipscore", "mean_length", *extra, "seconds"]
 display(Markdown(viz.markdown_table([{k: r[k] for k in columns} for r in rows])))

@@ -126,9 +126,9 @@ def test_sweep_on_two_processes_equals_one(llava, models_dir, world, tmp_path):
     gens = {"greedy": LlavaGeneration(max_new_tokens=10)}
     load = LlavaLoad(str(models_dir / "llava"), device="cpu")
     one = sweep(model, processor, records, instructions, gens, tmp_path / "one", refs, batch_size=2, load=load,
-                progress=False)
+                progress=False, greedy_batch_size=3)
     two = sweep(None, None, records, instructions, gens, tmp_path / "two", refs, batch_size=2, load=load,
-                progress=False, gpus=2)
+                progress=False, gpus=2, greedy_batch_size=3)
     for a, b in zip(one, two):
         assert Path(a["predictions"]).read_bytes() == Path(b["predictions"]).read_bytes()
         assert (a["name"], a["cider"], a["mean_length"]) == (b["name"], b["cider"], b["mean_length"])

@@ -465,6 +465,35 @@ def test_the_best_of_a_sweep_on_fewer_images_captions_only_the_others(llava, mod
     assert captioned == []
 
 
+def test_settings_without_beams_take_the_greedy_batch_size(llava, models_dir, p1_records, tmp_path, monkeypatch):
+    """greedy_batch_size: the greedy setting is captioned 5 images a call, beam search 2 a call (its rows of KV cache
+    are per beam); without it both take batch_size. The captions do not depend on it here (fp32 on the CPU)."""
+    from hw3lib.llava import LlavaLoad, captioning, setting_batch_size, sweep
+
+    model, processor = llava
+    records = p1_records[:5]
+    gens = {"greedy": LlavaGeneration(max_new_tokens=6), "beam 2": LlavaGeneration(num_beams=2, max_new_tokens=6)}
+    refs = {r.file_id: list(r.references) or ["a shape"] for r in records}
+    calls, real = [], captioning.caption_records
+
+    def counted(model, processor, todo, instruction, generation, batch_size, *args, **kwargs):
+        calls.append((generation.num_beams, batch_size))
+        return real(model, processor, todo, instruction, generation, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(captioning, "caption_records", counted)
+    how = dict(batch_size=2, load=LlavaLoad(model=str(models_dir / "llava")), progress=False)
+    rows = sweep(model, processor, records, {"one": "Describe this image in one sentence."}, gens, tmp_path / "a",
+                 refs, greedy_batch_size=5, **how)
+    assert calls == [(1, 5), (2, 2)]
+    calls.clear()
+    same = sweep(model, processor, records, {"one": "Describe this image in one sentence."}, gens, tmp_path / "b",
+                 refs, **how)
+    assert calls == [(1, 2), (2, 2)]
+    for a, b in zip(rows, same):
+        assert json.loads(Path(a["predictions"]).read_text()) == json.loads(Path(b["predictions"]).read_text())
+    assert setting_batch_size(gens["beam 2"], 8, 24) == 8 and setting_batch_size(gens["greedy"], 8, 0) == 8
+
+
 def test_four_and_eight_bits_at_once_is_refused_before_loading(tmp_path):
     # before anything is read: the folder does not even exist
     with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit: choose one"):

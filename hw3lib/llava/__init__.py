@@ -22,7 +22,7 @@ _WHERE = {
     "decoding": ["generate"],
     "captioning": ["CaptionRun", "caption_records", "caption_folder", "partial_files"],
     "attention": ["LlavaAttention", "attention_maps", "image_token_span", "vision_grid"],
-    "prompt_sweep": ["best_on_all", "best_setting", "sweep", "sweep_findings", "sweep_summary"],
+    "prompt_sweep": ["best_on_all", "best_setting", "setting_batch_size", "sweep", "sweep_findings", "sweep_summary"],
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE_OF)

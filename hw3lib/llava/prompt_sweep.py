@@ -67,13 +67,18 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
           generations: dict[str, LlavaGeneration], out_dir: str | Path, references: dict[str, list[str]],
           scorer=None, extra_scores: dict | None = None, batch_size: int = 16, num_workers: int = 0,
           first_sentence: bool = False, load: LlavaLoad | None = None, progress: bool = True,
-          gpus: int = 1) -> list[dict]:
+          gpus: int = 1, greedy_batch_size: int = 0) -> list[dict]:
     """Caption ``records`` once per (instruction, generation) pair and score each setting; returns the rows.
 
     Rows: ``instruction``, ``generation``, ``cider``, ``clipscore`` (when a :class:`~hw3lib.metrics.ClipScorer` is
     given), ``mean_length`` (words), ``seconds``, ``images_per_s``, ``predictions``, and one column per
     ``extra_scores`` entry: ``{column: function of the predictions dict -> float}`` (the demo adds
     ``caption_accuracy`` from the shapes world's ground truth). A re-run with the same settings reuses them.
+
+    ``batch_size``: images per ``generate`` call; ``greedy_batch_size`` (0: the same), the images per call of the
+    settings without beam search (greedy, sampling). A beam search of ``b`` beams keeps ``b`` rows of KV cache per
+    image, one beam keeps one: in the memory of a beam-3 batch a greedy setting can take about three times as many
+    images, and a GPU does more with each step it reads the weights for (docs/benchmarks.md, issue 26).
 
     ``load``: how ``model`` was loaded (it names the model in the settings). ``gpus > 1``: every setting still to
     do is captioned first, in one ``torchrun`` over that many GPUs whose processes each load ``load`` on their own
@@ -84,7 +89,8 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
     finished = {s.predictions: s.finished_row() for s in settings}  # read once
     todo = [s for s in settings if finished[s.predictions] is None]
     if gpus > 1 and todo:
-        runs = _caption_on_gpus(todo, records, Path(out_dir), load, gpus, batch_size, num_workers, first_sentence)
+        runs = _caption_on_gpus(todo, records, Path(out_dir), load, gpus, batch_size, num_workers, first_sentence,
+                                greedy_batch_size)
     else:
         runs = {}
     rows = []
@@ -92,14 +98,21 @@ def sweep(model, processor, records: list[Record], instructions: dict[str, str],
         row = finished[s.predictions]
         if row is None:
             run = runs.get(s.predictions) or caption_folder(
-                model, processor, records, s.predictions, s.instruction, s.generation, batch_size, num_workers,
-                first_sentence, progress, load.model)
+                model, processor, records, s.predictions, s.instruction, s.generation,
+                setting_batch_size(s.generation, batch_size, greedy_batch_size), num_workers, first_sentence,
+                progress, load.model)
             row = score_row(s, run, references, scorer, extra_scores,
                             records[0].image_path.parent if records else Path(out_dir))
             row.update(_gpu_memory_now())
             write_json_atomic(s.row_file, row)
         rows.append(row)
     return rows
+
+
+def setting_batch_size(generation: LlavaGeneration, batch_size: int, greedy_batch_size: int = 0) -> int:
+    """The images per ``generate`` call of one setting: ``greedy_batch_size`` for one beam when it is set (> 0),
+    else ``batch_size``."""
+    return greedy_batch_size if generation.num_beams == 1 and greedy_batch_size > 0 else batch_size
 
 
 def _gpu_memory_now() -> dict:
@@ -135,13 +148,15 @@ def score_row(s: Setting, run: CaptionRun, references: dict[str, list[str]], sco
 
 
 def _caption_on_gpus(todo: list[Setting], records: list[Record], out_dir: Path, load: LlavaLoad, gpus: int,
-                     batch_size: int, num_workers: int, first_sentence: bool) -> dict[Path, CaptionRun]:
+                     batch_size: int, num_workers: int, first_sentence: bool,
+                     greedy_batch_size: int = 0) -> dict[Path, CaptionRun]:
     """Caption ``todo`` under torchrun over ``gpus`` processes, each running :func:`main`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path, results_path = out_dir / "sweep_spec.json", out_dir / "sweep_results.json"
-    spec = {"load": asdict(load), "images": [str(r.image_path) for r in records], "batch_size": batch_size,
+    spec = {"load": asdict(load), "images": [str(r.image_path) for r in records],
             "num_workers": num_workers, "first_sentence": first_sentence, "results": str(results_path),
             "settings": [{"instruction": s.instruction, "generation": asdict(s.generation),
+                          "batch_size": setting_batch_size(s.generation, batch_size, greedy_batch_size),
                           "predictions": str(s.predictions)} for s in todo]}
     write_json_atomic(spec_path, spec)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m", __name__,
@@ -172,7 +187,7 @@ def main(spec_path: str) -> int:
     results = []
     for s in spec["settings"]:
         run = caption_folder(model, processor, records, s["predictions"], s["instruction"],
-                             LlavaGeneration(**s["generation"]), spec["batch_size"], spec["num_workers"],
+                             LlavaGeneration(**s["generation"]), s["batch_size"], spec["num_workers"],
                              spec["first_sentence"], progress=dist.main, model_name=load.model)
         results.append({"predictions": s["predictions"], "seconds": run.seconds, "computed": run.computed,
                         "reused": run.reused, "processes": dist.world_size})
