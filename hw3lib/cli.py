@@ -590,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
+        if args.command == "llava-caption":  # before the first CUDA allocation (and before the cap's)
+            from .distributed import expandable_segments
+
+            expandable_segments()
         if os.environ.get("HW3_GPU_CAP_GIB") and args.command != "run":  # any command on a pretended smaller card
             from .distributed import apply_gpu_cap
 

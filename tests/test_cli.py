@@ -83,3 +83,24 @@ def test_out_of_memory_says_which_setting_to_lower():
     assert four.endswith("batch 16 does not fit: try --batch-size 8")
     assert "--batch-size 32" in _out_of_memory(e, argparse.Namespace(command="train", batch_size=64))
     assert _out_of_memory(ValueError("x"), argparse.Namespace(command="train")) is None
+
+
+def test_llava_caption_turns_on_expandable_segments_unless_set(tmp_path, monkeypatch, capsys):
+    """Before its first CUDA allocation, llava-caption asks for expandable segments (the small cards' larger greedy
+    batches fit only with them, docs/benchmarks.md); a PYTORCH_CUDA_ALLOC_CONF of the user's stays as it is."""
+    import os
+
+    name = "PYTORCH_CUDA_ALLOC_CONF"
+    monkeypatch.setenv(name, "x")  # so that the test's own setting is undone afterwards
+    monkeypatch.delenv(name)
+    command = ["llava-caption", str(tmp_path / "no-images"), str(tmp_path / "out.json")]
+    assert main(command) == 2 and "no-images" in capsys.readouterr().err  # wrong input, after the setting
+    assert os.environ[name] == "expandable_segments:True"
+    monkeypatch.setenv(name, "max_split_size_mb:128")
+    assert main(command) == 2
+    assert os.environ[name] == "max_split_size_mb:128"
+    from hw3lib.distributed import expandable_segments
+
+    assert not expandable_segments()
+    monkeypatch.setenv(name, "garbage_collection_threshold:0.8, expandable_segments: True")
+    assert expandable_segments()

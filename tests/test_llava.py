@@ -508,3 +508,22 @@ def test_a_quantised_load_without_its_packages_says_which_in_one_line(tmp_path):
     missing = " and ".join(quantisation_missing())
     with pytest.raises(RuntimeError, match=rf'load_in_4bit needs {missing}: pip install -e "\.\[gpu\]"'):
         load_llava(tmp_path / "no_model", load_in_4bit=True)  # said before anything is read
+
+
+def test_the_int8_cast_message_is_said_once(caplog):
+    """bitsandbytes logs LLM.int8's bf16 -> fp16 cast at every product (78,643 lines in one GPU benchmark); the
+    8-bit load lets the first through. Other messages of that logger pass."""
+    import logging
+
+    from hw3lib.llava.loading import _int8_cast_said_once
+
+    _int8_cast_said_once()
+    _int8_cast_said_once()  # a second load adds no second filter
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.bfloat16)
+        log.warning("something else")
+    said = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert said == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
+                    "something else"], said
