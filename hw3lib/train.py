@@ -58,8 +58,8 @@ class TrainConfig:
     # only: not part of the run's identity, so a run may resume with it on or off
     compile_scope: str = "step"  # "step": the whole loss is one graph (the fastest steps, the longest compile);
     # "blocks": one decoder block is compiled, and serves the 12 blocks and every later run whose blocks have the
-    # same shapes (notebook 02's ablation reuses the main run's): a third of the compile time on the CPU
-    # (docs/benchmarks.md). Speed only, like compile
+    # same shapes (notebook 02's ablation reuses the main run's): a quarter of the compile time on the CPU, 2.3x
+    # less on an H100 (two runs measured), where its steps are 2-2.5x slower (docs/benchmarks.md). Speed only, like compile
 
 
 @dataclass
