@@ -571,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure ends as one line on stderr and exit status 2 (``HW3_DEBUG=1`` shows the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "llava-caption":  # before torch is imported (the parser imports it) and long before any allocation
+        from .alloc_conf import expandable_segments
+
+        expandable_segments()
     args = build_parser(command).parse_args(argv)
 
     shown = set()
@@ -590,10 +594,6 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
-        if args.command == "llava-caption":  # before the first CUDA allocation (and before the cap's)
-            from .distributed import expandable_segments
-
-            expandable_segments()
         if os.environ.get("HW3_GPU_CAP_GIB") and args.command != "run":  # any command on a pretended smaller card
             from .distributed import apply_gpu_cap
 

@@ -117,18 +117,6 @@ def current() -> Dist:
 
 
 GPU_CAP_ENV = "HW3_GPU_CAP_GIB"
-ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
-
-
-def expandable_segments() -> bool:
-    """Let PyTorch's CUDA allocator grow its segments in place (``expandable_segments:True``), unless
-    ``PYTORCH_CUDA_ALLOC_CONF`` is set already (then that setting stays). Near a card's limit the default allocator
-    strands blocks that a batch freed and the next one cannot reuse: on a 12 GB card (10.5 GiB cap) 4-bit greedy at
-    batch 16 ran out of memory with 8.9 GiB in use and 1.4 GiB cached but free, and passed with this, at 1.44x the
-    images/s of batch 8 (docs/benchmarks.md, issue 26). It must run before the process's first CUDA allocation.
-    Returns whether expandable segments are on."""
-    os.environ.setdefault(ALLOC_CONF_ENV, "expandable_segments:True")
-    return "expandable_segments:true" in os.environ[ALLOC_CONF_ENV].replace(" ", "").lower()
 
 
 def apply_gpu_cap() -> float | None:

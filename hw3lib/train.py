@@ -59,7 +59,8 @@ class TrainConfig:
     compile_scope: str = "step"  # "step": the whole loss is one graph (the fastest steps, the longest compile);
     # "blocks": one decoder block is compiled, and serves the 12 blocks and every later run whose blocks have the
     # same shapes (notebook 02's ablation reuses the main run's): a quarter of the compile time on the CPU, 2.3x
-    # less on an H100 (two runs measured), where its steps are 2-2.5x slower (docs/benchmarks.md). Speed only, like compile
+    # less on an H100 (two runs measured), where its steps are about 2.4x slower (docs/benchmarks.md). Speed only,
+    # like compile
 
 
 @dataclass

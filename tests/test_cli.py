@@ -99,8 +99,26 @@ def test_llava_caption_turns_on_expandable_segments_unless_set(tmp_path, monkeyp
     monkeypatch.setenv(name, "max_split_size_mb:128")
     assert main(command) == 2
     assert os.environ[name] == "max_split_size_mb:128"
-    from hw3lib.distributed import expandable_segments
+    from hw3lib.alloc_conf import expandable_segments
 
     assert not expandable_segments()
     monkeypatch.setenv(name, "garbage_collection_threshold:0.8, expandable_segments: True")
     assert expandable_segments()
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")  # torch's newer name: also the user's
+    assert not expandable_segments() and name not in os.environ
+
+
+def test_the_allocator_setting_comes_before_torch():
+    """hw3 llava-caption sets it before torch is imported, so before any CUDA allocation could read the default."""
+    code = ("import os, sys\n"
+            "import hw3lib.cli as cli\n"
+            "import hw3lib.alloc_conf as a\n"
+            "seen = []\n"
+            "real = a.expandable_segments\n"
+            "a.expandable_segments = lambda: seen.append('torch' in sys.modules) or real()\n"
+            "cli.main(['llava-caption', 'no-such-folder', 'out.json'])\n"
+            "print(seen, os.environ['PYTORCH_CUDA_ALLOC_CONF'])\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "[False] expandable_segments:True", out

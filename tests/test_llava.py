@@ -510,6 +510,29 @@ def test_a_quantised_load_without_its_packages_says_which_in_one_line(tmp_path):
         load_llava(tmp_path / "no_model", load_in_4bit=True)  # said before anything is read
 
 
+def test_the_torchrun_spec_carries_each_settings_batch_size(llava, models_dir, p1_records, tmp_path, monkeypatch):
+    """gpus > 1: the spec that every torchrun process reads gives each setting its own batch size (the launch itself
+    is tests/test_distributed.py's); here the launch is stopped after the spec is read."""
+    import subprocess
+
+    from hw3lib.llava import LlavaLoad, prompt_sweep, sweep
+
+    seen = []
+
+    def launched(cmd, **kwargs):
+        seen.append(json.loads(Path(cmd[-1]).read_text()))
+        return subprocess.CompletedProcess(cmd, 1, stdout="stopped by the test")
+
+    monkeypatch.setattr(prompt_sweep.subprocess, "run", launched)
+    gens = {"greedy": LlavaGeneration(max_new_tokens=6), "beam 2": LlavaGeneration(num_beams=2, max_new_tokens=6)}
+    refs = {r.file_id: ["a shape"] for r in p1_records[:3]}
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        sweep(None, None, p1_records[:3], {"one": "Describe this image in one sentence."}, gens, tmp_path, refs,
+              batch_size=2, greedy_batch_size=5, load=LlavaLoad(model=str(models_dir / "llava")), gpus=2)
+    [spec] = seen
+    assert [(s["generation"]["num_beams"], s["batch_size"]) for s in spec["settings"]] == [(1, 5), (2, 2)]
+
+
 def test_the_int8_cast_message_is_said_once(caplog):
     """bitsandbytes logs LLM.int8's bf16 -> fp16 cast at every product (78,643 lines in one GPU benchmark); the
     8-bit load lets the first through. Other messages of that logger pass."""
