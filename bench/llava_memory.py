@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from hw3lib.data import hw3_split  # noqa: E402
 from hw3lib.distributed import apply_gpu_cap  # noqa: E402
-from hw3lib.llava import LlavaGeneration, LlavaLoad, caption_records  # noqa: E402
+from hw3lib.llava import LlavaGeneration, LlavaLoad, caption_records, setting_batch_size  # noqa: E402
 from hw3lib.workbook import WorkbookConfig  # noqa: E402
 
 GIB = 2**30
@@ -71,7 +71,8 @@ def notebook_parameters(config: str) -> dict:
     return {**values, **{k: v for k, v in WorkbookConfig.load(config).parameters.items() if k in values}}
 
 
-def run_plan(plan, model, processor, instructions, generations, batch, workers, out, empty_cache: bool) -> None:
+def run_plan(plan, model, processor, instructions, generations, batch, workers, out, empty_cache: bool,
+             greedy_batch: int = 0) -> None:
     """Caption each (instruction, generation, records) of ``plan`` in turn, reading the memory into ``out``."""
     try:
         for n, (iname, gname, recs) in enumerate(plan):
@@ -83,7 +84,8 @@ def run_plan(plan, model, processor, instructions, generations, batch, workers, 
                 k[0] += 1
                 out["batches"].append({"setting": name, "batch": k[0], "images": len(captions), **memory()})
 
-            caption_records(model, processor, recs, instructions[iname], generations[gname], batch, workers,
+            size = setting_batch_size(generations[gname], batch, greedy_batch)  # as the notebook's sweep batches
+            caption_records(model, processor, recs, instructions[iname], generations[gname], size, workers,
                             progress=False, on_batch=on_batch)
             row = {"setting": f"{iname} / {gname}", "images": len(recs), "seconds": round(time.time() - t0, 1),
                    **memory(), "pools": pools()}
@@ -122,10 +124,12 @@ def main() -> int:
     instructions = P["llava_instructions"]
     load = LlavaLoad(P["llava_model"], load_in_4bit=P["llava_load_in_4bit"], fast_kernels=P["llava_fast_kernels"])
     batch, workers = P["llava_batch_size"], P["llava_num_workers"]
+    greedy_batch = P.get("llava_greedy_batch_size", 0)
     records = hw3_split(Path(args.data), "p1_data")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = {"device": device, "torch": torch.__version__, "config": args.config, "cap_gib": cap,
-           "cache": cache, "batch": batch, "images": args.images, "then": args.then, "batches": [], "settings": []}
+           "cache": cache, "batch": batch, "greedy_batch": greedy_batch,
+           "images": args.images, "then": args.then, "batches": [], "settings": []}
     model, processor = load.load()
     out["after_load"] = memory()
     print(f"[memory] {out['device']}, cap {cap} GiB, cache {cache!r}, batch {batch}; loaded: {out['after_load']}",
@@ -135,7 +139,8 @@ def main() -> int:
                  records[args.images: args.images + args.then]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_plan(plan, model, processor, instructions, generations, batch, workers, out, args.empty_cache)
+        run_plan(plan, model, processor, instructions, generations, batch, workers, out, args.empty_cache,
+                 greedy_batch)
     out["warnings"] = sorted({str(w.message)[:300] for w in caught})
     print(f"[memory] warnings: {out['warnings']}", flush=True)
     if args.json:
