@@ -80,7 +80,7 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                value = float(loss)  # waits for the device
+                value = float(loss.detach())  # waits for the device
                 seconds.append(time.perf_counter() - t0)
         row = {"run": name, "first_step_s": round(seconds[0], 2), "step_s": round(statistics.median(seconds[1:]), 4),
                "loss": value}
